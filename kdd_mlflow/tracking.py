@@ -1,0 +1,123 @@
+"""The MLflow layer: stage runs, params, models and artifacts that later stages load and check.
+
+Every hand-over between stages goes through a run id and its artifacts. Weights travel as
+safetensors plus a JSON spec, so loading never unpickles anything and every load is checked
+against what the caller expects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdd_mlflow import models
+
+log = logging.getLogger(__name__)
+
+STAGE_TAG = "kdd.stage"
+ERROR_TAG = "kdd.error"
+WEIGHTS_DIR = "weights"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, truncated or not what the caller expected."""
+
+
+def flat_params(config: BaseModel) -> dict[str, str]:
+    """The config as MLflow params (strings; None becomes an empty string)."""
+    return {k: "" if v is None else str(v) for k, v in config.model_dump().items()}
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, config: BaseModel, run_name: str | None = None, nested: bool = False,
+              tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or join, under ``mlflow run``) the run of one stage and log its resolved config.
+
+    A failure inside ends the run FAILED with the one-line reason as a tag.
+    """
+    run = mlflow.start_run(run_name=run_name or stage, nested=nested)
+    try:
+        mlflow.set_tags({STAGE_TAG: stage, **(tags or {})})
+        # Under `mlflow run` the entry point's parameters are already logged, as typed ("0.010");
+        # params cannot change, and those strings are what this config was parsed from.
+        logged = run.data.params
+        mlflow.log_params({k: v for k, v in flat_params(config).items() if k not in logged})
+        mlflow.log_dict(config.model_dump(), "config.json")
+        yield run
+    except BaseException as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        mlflow.set_tag(ERROR_TAG, reason[:5000])
+        mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def mark_failed(reason: str) -> None:
+    """Record a failure on the run ``mlflow run`` created for us (MLFLOW_RUN_ID), if any."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    try:
+        client = MlflowClient()
+        client.set_tag(run_id, ERROR_TAG, reason[:5000])
+        client.set_terminated(run_id, "FAILED")
+    except Exception as exc:  # the store itself may be the problem; the exit code still says it
+        log.warning("could not mark run %s failed: %s", run_id, exc)
+
+
+def log_model(model: nn.Module, spec: dict[str, Any], example: torch.Tensor, name: str = "model") -> None:
+    """Log ``model`` twice: as an MLflow model (pt2, with signature and input example) for users, and
+    as safetensors weights plus ``spec`` for the stages, which load it without unpickling."""
+    model.eval()
+    cpu_model = model.to("cpu") if next(model.parameters()).device.type != "cpu" else model
+    example = example[:2].detach().cpu()
+    mlflow.pytorch.log_model(
+        cpu_model, name=name, input_example=example.numpy(), serialization_format="pt2",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.contiguous() for k, v in cpu_model.state_dict().items()}, f"{tmp}/{name}.safetensors")
+        Path(f"{tmp}/{name}.json").write_text(json.dumps(spec, indent=2))
+        mlflow.log_artifacts(tmp, WEIGHTS_DIR)
+
+
+def download(run_id: str, path: str, dst: str | Path | None = None) -> Path:
+    """Download one artifact of a run, with an error that names the run and the file."""
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst))
+    except Exception as exc:
+        raise ArtifactError(f"run {run_id}: cannot fetch artifact {path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def load_model(run_id: str, name: str = "model", expect: dict[str, Any] | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild a model logged by ``log_model`` and check its spec against ``expect``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = download(run_id, f"{WEIGHTS_DIR}/{name}.json", tmp)
+        weights_path = download(run_id, f"{WEIGHTS_DIR}/{name}.safetensors", tmp)
+        try:
+            spec = json.loads(spec_path.read_text())
+            state = load_file(str(weights_path))
+        except Exception as exc:
+            raise ArtifactError(f"run {run_id}: {name} weights are unreadable: {exc}") from None
+    for key, want in (expect or {}).items():
+        if spec.get(key) != want:
+            raise ArtifactError(f"run {run_id}: model {name} has {key}={spec.get(key)!r}, expected {want!r}")
+    model = models.create(spec["model"], spec["channels"], spec["num_classes"], spec["image_size"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"run {run_id}: {name} weights do not fit {spec['model']}: {exc}") from None
+    return model, spec

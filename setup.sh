@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up kdd-mlflow in ./.venv. Usage: bash setup.sh [--dev]
+#   --dev  also installs the test tools and the Debian packages the tests use.
+# As root with apt, it installs Debian's dataset-fashion-mnist (the real Fashion-MNIST, offline).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+dev=0
+[ "${1:-}" = "--dev" ] && dev=1
+
+apt_packages=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_packages+=(dataset-fashion-mnist)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ${#apt_packages[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${apt_packages[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $($python --version)"
+    "$python" -m venv .venv
+fi
+extra=""
+[ $dev = 1 ] && extra="[dev]"
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".$extra"
+.venv/bin/python -c "import kdd_mlflow, torch, torchvision, mlflow; print('setup: ready (torch', torch.__version__, '| mlflow', mlflow.__version__ + ')')"

@@ -1,0 +1,122 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kdd_mlflow import cli, data, models, tracking
+from kdd_mlflow.config import TrainConfig
+from kdd_mlflow.mlproject import render
+from kdd_mlflow.stages import train as train_stage
+from kdd_mlflow.train import SGDRecipe, evaluate, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fit_learns_on_generated_data(fake_fashion):
+    real = data.load("fashion-mnist", fake_fashion, val_size=100)
+    model = models.create("convnet-w32", 1, 10, 28)
+    losses = []
+    fit(model, real.train, SGDRecipe(epochs=3, batch_size=64, lr=0.05), torch.Generator().manual_seed(0),
+        on_epoch=lambda e, m: losses.append(m["train_loss"]), progress=False)
+    assert losses[-1] < losses[0]
+    assert evaluate(model, real.test)["acc"] > 0.6  # chance is 0.1
+
+
+def test_train_stage_logs_run_and_model_round_trips(fake_fashion):
+    cfg = TrainConfig(dataset="fashion-mnist", data_dir=str(fake_fashion), model="convnet-w32", epochs=2,
+                      batch_size=64, lr=0.05, val_size=100, augment="dsa")
+    run_id = train_stage.run(cfg)
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "2" and run.data.params["model"] == "convnet-w32"
+    assert run.data.metrics["test_acc"] > 0.3
+    history = mlflow.MlflowClient().get_metric_history(run_id, "val_acc")
+    assert [m.step for m in history] == [1, 2]
+    config = mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json")
+    assert config == cfg.model_dump()
+
+    real = data.load("fashion-mnist", fake_fashion, val_size=100)
+    ours, spec = tracking.load_model(run_id, expect={"dataset": "fashion-mnist"})
+    logged = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    x = real.test.images[:16]
+    with torch.no_grad():
+        ours.eval()
+        assert torch.equal(ours(x), logged(x))
+    assert abs(evaluate(ours, real.test)["acc"] - run.data.metrics["test_acc"]) < 1e-6
+    with pytest.raises(tracking.ArtifactError, match="dataset='fashion-mnist', expected 'mnist'"):
+        tracking.load_model(run_id, expect={"dataset": "mnist"})
+
+
+@pytest.mark.real_data
+def test_train_on_real_fashion_mnist_subset(real_fashion):
+    cfg = TrainConfig(dataset="fashion-mnist", model="convnet-w32", epochs=2, batch_size=64, lr=0.05,
+                      train_limit=3000)
+    run = mlflow.get_run(train_stage.run(cfg))
+    assert run.data.metrics["test_acc"] > 0.7
+
+
+def test_cli_help_lists_stages():
+    result = CliRunner().invoke(cli.main, ["--help"])
+    assert result.exit_code == 0 and "train" in result.output
+    result = CliRunner().invoke(cli.main, ["train", "--help"])
+    assert result.exit_code == 0 and "--dataset" in result.output and "--epochs" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, reason",
+    [
+        (["--dataset", "nope"], "dataset: unknown dataset 'nope'"),
+        (["--model", "vgg99"], "model: unknown model 'vgg99'"),
+        (["--epochs", "0"], "epochs: Input should be greater than or equal to 1"),
+        (["--lr", "-1"], "lr: Input should be greater than 0"),
+        (["--device", "tpu"], "device: unknown device 'tpu'"),
+    ],
+)
+def test_bad_input_fails_before_work_with_one_line(args, reason):
+    result = CliRunner().invoke(cli.main, ["train", *args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and reason in lines[0]
+    assert mlflow.search_runs(search_all_experiments=True).empty  # no run was started
+
+
+def test_bad_input_under_mlflow_run_ends_failed_with_reason():
+    run = mlflow.MlflowClient().create_run("0")
+    env = {"MLFLOW_RUN_ID": run.info.run_id}
+    result = CliRunner().invoke(cli.main, ["train", "--dataset", "nope"], env=env)
+    assert result.exit_code == 2
+    after = mlflow.get_run(run.info.run_id)
+    assert after.info.status == "FAILED" and "unknown dataset" in after.data.tags[tracking.ERROR_TAG]
+
+
+def test_missing_data_is_one_paragraph_without_traceback(tmp_path):
+    result = CliRunner().invoke(cli.main, ["train", "--dataset", "mnist", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output + result.stderr
+    assert "dataset 'mnist' is not available" in result.stderr and "KDD_DATA_DIR" in result.stderr
+
+
+def test_mlproject_is_rendered_from_the_configs():
+    assert (ROOT / "MLproject").read_text() == render(cli.STAGES)
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_entry_point(fake_fashion, tmp_path):
+    env = {**os.environ, "KDD_DATA_DIR": str(fake_fashion.parent),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
+           "-P", "dataset=fashion-mnist", "-P", "epochs=1", "-P", "model=convnet-w32", "-P", "val_size=100",
+           "-P", "lr=0.050"]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert list(runs["status"]) == ["FINISHED"] and runs["metrics.test_acc"][0] > 0.2
+    assert runs["params.lr"][0] == "0.050"
+    spec = mlflow.artifacts.load_text(f"runs:/{runs['run_id'][0]}/weights/model.json")
+    assert json.loads(spec)["model"] == "convnet-w32"
