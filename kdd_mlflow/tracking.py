@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,26 +37,60 @@ class ArtifactError(RuntimeError):
     """An artifact is missing, truncated or not what the caller expected."""
 
 
+# Fields that say which run to continue, not how to compute: never params (they differ between the first
+# call and a resumed one by design).
+CONTROL_FIELDS = {"run_id", "resume"}
+
+
 def flat_params(config: BaseModel) -> dict[str, str]:
     """The config as MLflow params (strings; None becomes an empty string)."""
-    return {k: "" if v is None else str(v) for k, v in config.model_dump().items()}
+    return {k: "" if v is None else str(v) for k, v in config.model_dump().items() if k not in CONTROL_FIELDS}
+
+
+def _same(logged: str, value: str) -> bool:
+    # `mlflow run` logs parameters shell-quoted ("''" for an empty string) and as typed ("0.010").
+    if logged in (value, shlex.quote(value)):
+        return True
+    try:
+        return float(logged) == float(value)
+    except ValueError:
+        return False
+
+
+def log_params(params: dict[str, object]) -> None:
+    """Log params to the active run; ones it already has must agree (a resumed run cannot change them)."""
+    run = mlflow.active_run()
+    logged = mlflow.get_run(run.info.run_id).data.params
+    new = {}
+    for key, value in params.items():
+        value = "" if value is None else str(value)
+        if key not in logged:
+            new[key] = value
+        elif not _same(logged[key], value):
+            raise ValueError(f"run {run.info.run_id} has {key}={logged[key]!r}; this call has {value!r}")
+    if new:
+        mlflow.log_params(new)
 
 
 @contextlib.contextmanager
 def stage_run(stage: str, config: BaseModel, run_name: str | None = None, nested: bool = False,
-              tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Start (or join, under ``mlflow run``) the run of one stage and log its resolved config.
+              tags: dict[str, str] | None = None, run_id: str | None = None,
+              resolved: BaseModel | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start the run of one stage (join the one ``mlflow run`` made, or reopen ``run_id``).
 
-    A failure inside ends the run FAILED with the one-line reason as a tag.
+    ``config`` (as asked) is logged as params; ``resolved`` (budget values filled in), or ``config``,
+    as config.json. A failure inside ends the run FAILED with the one-line reason as a tag.
     """
-    run = mlflow.start_run(run_name=run_name or stage, nested=nested)
+    if run_id is not None:
+        try:
+            mlflow.get_run(run_id)
+        except Exception:
+            raise ArtifactError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from None
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else (run_name or stage), nested=nested)
     try:
         mlflow.set_tags({STAGE_TAG: stage, **(tags or {})})
-        # Under `mlflow run` the entry point's parameters are already logged, as typed ("0.010");
-        # params cannot change, and those strings are what this config was parsed from.
-        logged = run.data.params
-        mlflow.log_params({k: v for k, v in flat_params(config).items() if k not in logged})
-        mlflow.log_dict(config.model_dump(), "config.json")
+        log_params(flat_params(config))
+        mlflow.log_dict((resolved or config).model_dump(), "config.json")
         yield run
     except BaseException as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -32,8 +32,8 @@ def run(cfg: TrainConfig) -> str:
     meta = real.info
     with tracking.stage_run("train", cfg, run_name=f"train-{cfg.model}-{cfg.dataset}") as active:
         model = models.create(cfg.model, meta.channels, meta.num_classes, meta.image_size).to(device)
-        mlflow.log_params({"resolved_device": str(device), "parameters": models.count_parameters(model),
-                           "train_images": len(real.train)})
+        mlflow.log_params({"parameters": models.count_parameters(model), "train_images": len(real.train)})
+        mlflow.set_tag("kdd.device", str(device))
         log.info("training %s (%d parameters) on %d %s images, device %s", cfg.model,
                  models.count_parameters(model), len(real.train), cfg.dataset, device)
         recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule)
