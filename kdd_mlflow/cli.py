@@ -11,7 +11,7 @@ import click
 from pydantic import BaseModel, ValidationError
 
 from kdd_mlflow import __version__, tracking
-from kdd_mlflow.config import TrainConfig, one_line
+from kdd_mlflow.config import DistillConfig, ExpertsConfig, TrainConfig, one_line
 from kdd_mlflow.data import DataUnavailableError
 
 EXIT_BAD_INPUT = 2
@@ -36,10 +36,10 @@ def config_options(config_cls: type[BaseModel]) -> Callable:
 
     def decorate(f: Callable) -> Callable:
         for name, field in reversed(list(config_cls.model_fields.items())):
-            default = "unset" if field.default is None else field.default
+            shown = "unset" if field.default is None else field.default
+            default = "" if field.is_required() else f" [default: {shown}]"
             f = click.option(
-                f"--{name.replace('_', '-')}", name, type=str, default=None,
-                help=f"{field.description} [default: {default}]",
+                f"--{name.replace('_', '-')}", name, type=str, default=None, help=f"{field.description}{default}",
             )(f)
         return f
 
@@ -100,6 +100,25 @@ def main(verbose: bool) -> None:
 def train(cfg: TrainConfig) -> str:
     """Train one model on real data (teachers and baselines); logs per-epoch metrics and the model."""
     from kdd_mlflow.stages import train as stage
+
+    return stage.run(cfg)
+
+
+@stage_command(main, "experts", ExpertsConfig)
+def experts(cfg: ExpertsConfig) -> str:
+    """Train expert networks and log their trajectories (parameters at init and after every epoch).
+
+    Shard with --shard i/n or a:b; continue a run's missing experts with --run-id.
+    """
+    from kdd_mlflow.stages import experts as stage
+
+    return stage.run(cfg)
+
+
+@stage_command(main, "distill", DistillConfig)
+def distill(cfg: DistillConfig) -> str:
+    """Distil a synthetic set from experts run(s) by matching training trajectories (MTT)."""
+    from kdd_mlflow.stages import distill as stage
 
     return stage.run(cfg)
 

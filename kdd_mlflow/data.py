@@ -370,3 +370,48 @@ def load(
     test = Split(normalise(raw["test"][0], meta), torch.as_tensor(raw["test"][1]))
     class_indices = [torch.nonzero(train.labels == c).flatten() for c in range(meta.num_classes)]
     return RealData(meta, train, val, test, class_indices)
+
+
+class ZCA:
+    """ZCA whitening fitted on training images (regularised as in the MTT reference, eps 0.1).
+
+    Distillation happens in whitened space; ``inverse`` maps images back for viewing.
+    """
+
+    def __init__(self, mean: torch.Tensor, matrix: torch.Tensor, inverse_matrix: torch.Tensor):
+        self.mean, self.matrix, self.inverse_matrix = mean, matrix, inverse_matrix
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, eps: float = 0.1) -> ZCA:
+        x = images.flatten(1).double()
+        mean = x.mean(0)
+        x = x - mean
+        cov = x.T @ x / (len(x) - 1)
+        eigvals, eigvecs = torch.linalg.eigh(cov)
+        scale = (eigvals.clamp(min=0) + eps).sqrt()
+        matrix = (eigvecs / scale) @ eigvecs.T
+        inverse = (eigvecs * scale) @ eigvecs.T
+        return cls(mean.float(), matrix.float(), inverse.float())
+
+    def __call__(self, images: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        m, w = self.mean.to(images.device), self.matrix.to(images.device)
+        return torch.cat([((c.flatten(1) - m) @ w).view_as(c) for c in images.split(batch_size)])
+
+    def inverse(self, images: torch.Tensor) -> torch.Tensor:
+        m, w = self.mean.to(images.device), self.inverse_matrix.to(images.device)
+        return (images.flatten(1) @ w + m).view_as(images)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"zca.mean": self.mean, "zca.matrix": self.matrix, "zca.inverse": self.inverse_matrix}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> ZCA:
+        return cls(t["zca.mean"], t["zca.matrix"], t["zca.inverse"])
+
+
+def whiten(real: RealData) -> ZCA:
+    """Fit ZCA on the training split and apply it to every split in place."""
+    zca = ZCA.fit(real.train.images)
+    for split in (real.train, real.val, real.test):
+        split.images = zca(split.images)
+    return zca

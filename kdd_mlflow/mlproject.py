@@ -21,9 +21,12 @@ entry_points:
 """
 
 
-def parameter_default(config_cls: type[BaseModel], name: str) -> str:
-    default = config_cls.model_fields[name].default
-    return "" if default is None else str(default)
+def parameter_spec(config_cls: type[BaseModel], name: str) -> str:
+    field = config_cls.model_fields[name]
+    if field.is_required():
+        return "{type: string}"
+    default = "" if field.default is None else str(field.default)
+    return f"{{type: string, default: {json.dumps(default)}}}"
 
 
 def render(stages: dict[str, type[BaseModel]]) -> str:
@@ -31,7 +34,7 @@ def render(stages: dict[str, type[BaseModel]]) -> str:
     for stage, config_cls in stages.items():
         lines += [f"  {stage}:", "    parameters:"]
         for name in config_cls.model_fields:
-            lines.append(f"      {name}: {{type: string, default: {json.dumps(parameter_default(config_cls, name))}}}")
+            lines.append(f"      {name}: {parameter_spec(config_cls, name)}")
         options = " ".join(f"--{n.replace('_', '-')} {{{n}}}" for n in config_cls.model_fields)
         lines.append(f'    command: "python -m entrypoints.{stage.replace("-", "_")} {options}"')
     return "\n".join(lines) + "\n"

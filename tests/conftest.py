@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are for people; test logs stay readable
 
 REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
 

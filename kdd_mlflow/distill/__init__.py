@@ -1,0 +1,1 @@
+"""Dataset distillation: expert trajectories, trajectory matching, and evaluating a synthetic set."""

@@ -1,0 +1,265 @@
+"""Stage ``distill``: MTT trajectory matching from experts runs into a synthetic set.
+
+The run logs the matching loss, step size and skipped updates per iteration; validation accuracy of
+fresh networks every ``eval_every`` iterations (the best set by validation accuracy is kept); a
+checkpoint every ``checkpoint_every`` iterations (``resume`` continues from it bit for bit); and at
+the end the synthetic set, its test accuracy (mean and std of K networks) and the same protocol on a
+random real subset of the same size, with an image grid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from kdd_mlflow import config, data, models, report, tracking
+from kdd_mlflow.augment import DSA
+from kdd_mlflow.config import DistillConfig
+from kdd_mlflow.distill.evaluate import evaluate_set, mean_std
+from kdd_mlflow.distill.experts import Trajectory
+from kdd_mlflow.distill.mtt import FlatModel, SyntheticSet, Unroll, mtt_iteration
+from kdd_mlflow.runtime import pick_device, seed_everything
+from kdd_mlflow.stages.experts import TRAJECTORY_DIR, load_manifests
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint/checkpoint.pt"
+SYNTHETIC_DIR = "synthetic"
+
+
+def resolve_budget(cfg: DistillConfig, device_type: str, manifest: dict) -> tuple[str, DistillConfig, dict]:
+    budget = config.pick_budget(cfg.budget, device_type)
+    if budget == "paper":
+        row_ipc, table = config.paper_distill_row(cfg.dataset, cfg.ipc)
+        table.pop("zca")  # ZCA is the experts' choice; the manifest says which
+        table = {**config.PAPER_RUN, **table, "paper_row_ipc": row_ipc}
+    else:
+        table = dict(config.QUICK_DISTILL)
+    resolved, filled = config.resolve(cfg, table)
+    if resolved.eval_model is None:
+        resolved, more = config.resolve(resolved, {"eval_model": manifest["model"]})
+        filled.update(more)
+    if "paper_row_ipc" in table:
+        filled["paper_row_ipc"] = table["paper_row_ipc"]
+    return budget, resolved, filled
+
+
+def check_against_experts(cfg: DistillConfig, manifest: dict) -> None:
+    if manifest["dataset"] != cfg.dataset:
+        raise ValueError(f"experts are for {manifest['dataset']}, but dataset is {cfg.dataset}")
+    needed = cfg.max_start_epoch + cfg.expert_epochs
+    if needed > manifest["epochs"]:
+        raise ValueError(
+            f"max_start_epoch + expert_epochs = {needed} exceeds the experts' {manifest['epochs']} epochs"
+        )
+
+
+class ExpertBuffer:
+    """The experts' trajectory files, downloaded once, read lazily per segment."""
+
+    def __init__(self, manifest: dict, directory: Path):
+        self.trajectories = []
+        expect = {"dataset": manifest["dataset"], "model": manifest["model"], "epochs": manifest["epochs"]}
+        for e in manifest["experts"]:
+            path = tracking.download(e["run_id"], f"{TRAJECTORY_DIR}/{e['file']}", directory / e["run_id"])
+            try:
+                self.trajectories.append(Trajectory(path, expect))
+            except ValueError as exc:
+                raise tracking.ArtifactError(f"run {e['run_id']}: {exc}") from None
+
+    def segment(self, generator: torch.Generator, max_start_epoch: int, expert_epochs: int):
+        expert = self.trajectories[int(torch.randint(len(self.trajectories), (1,), generator=generator))]
+        start = int(torch.randint(max_start_epoch, (1,), generator=generator))
+        return expert.epoch(start), expert.epoch(start + expert_epochs)
+
+
+def initial_images(real: data.RealData, ipc: int, init: str, generator: torch.Generator) -> data.Split:
+    subset = real.random_subset(ipc, generator)
+    if init == "noise":
+        subset.images = torch.randn(subset.images.shape, generator=generator)
+    return subset
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+
+
+def run(asked: DistillConfig) -> str:
+    """Distil a synthetic set from experts run(s) by matching training trajectories (MTT)."""
+    device = pick_device(asked.device)
+    manifest = load_manifests(asked.experts_runs)
+    budget, cfg, filled = resolve_budget(asked, device.type, manifest)
+    check_against_experts(cfg, manifest)
+    real = data.load(cfg.dataset, cfg.data_dir, manifest["val_size"], cfg.train_limit)
+    zca = data.whiten(real) if manifest["zca"] else None
+    meta = real.info
+    generator = seed_everything(cfg.seed)
+
+    with tempfile.TemporaryDirectory() as tmp, tracking.stage_run(
+        "distill", asked, run_name=f"distill-{cfg.dataset}-ipc{cfg.ipc}", run_id=cfg.resume, resolved=cfg
+    ) as active:
+        run_id = active.info.run_id
+        tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()},
+                             "experts": len(manifest["experts"]), "zca": manifest["zca"]})
+        mlflow.set_tag("kdd.device", str(device))
+        buffer = ExpertBuffer(manifest, Path(tmp))
+        student = FlatModel(models.create(manifest["model"], meta.channels, meta.num_classes, meta.image_size)
+                            .to(device))
+        init = initial_images(real, cfg.ipc, cfg.init, generator)
+        syn = SyntheticSet(init.images.to(device), init.labels.to(device), cfg.lr_teacher, cfg.lr_img, cfg.lr_lr)
+        state = {"iteration": 0, "skipped": 0, "best_val": -1.0, "best_iteration": -1,
+                 "best_images": syn.images.detach().cpu().clone(), "best_lr": syn.syn_lr.detach().cpu().clone()}
+        if cfg.resume:
+            state = restore(run_id, tmp, syn, generator, state)
+        unroll = Unroll(cfg.syn_steps, cfg.batch_syn)
+        augment = DSA()
+        val = real.val.to(device)
+
+        timing = {"eval": 0.0, "evals": 0, "iteration": 0.0, "iterations": 0}
+
+        def evaluate_now(iteration: int) -> None:
+            t0 = time.perf_counter()
+            accs = evaluate_set(data.Split(syn.images.detach(), syn.labels), cfg.eval_model, meta, val,
+                                syn.syn_lr.item(), cfg.eval_epochs, cfg.num_eval, seed=cfg.seed + iteration)
+            mean, std = mean_std(accs)
+            mlflow.log_metrics({"val_acc": mean, "val_acc_std": std}, step=iteration)
+            if mean > state["best_val"]:
+                state.update(best_val=mean, best_iteration=iteration,
+                             best_images=syn.images.detach().cpu().clone(), best_lr=syn.syn_lr.detach().cpu().clone())
+            log.info("iteration %d: validation accuracy %.4f +- %.4f (best %.4f at %d)", iteration, mean, std,
+                     state["best_val"], state["best_iteration"])
+            timing["eval"] += time.perf_counter() - t0
+            timing["evals"] += 1
+
+        first = state["iteration"]
+        bar = tqdm(range(first, cfg.iterations), desc="distill", initial=first, total=cfg.iterations)
+        for it in bar:
+            if it % cfg.eval_every == 0:
+                evaluate_now(it)
+            t0 = time.perf_counter()
+            start, target = buffer.segment(generator, cfg.max_start_epoch, cfg.expert_epochs)
+            loss, applied = mtt_iteration(syn, student, start.to(device), target.to(device), unroll, augment,
+                                          generator)
+            timing["iteration"] += time.perf_counter() - t0
+            timing["iterations"] += 1
+            state["skipped"] += int(not applied)
+            metrics = {"syn_lr": syn.syn_lr.item(), "skipped_updates": state["skipped"]}
+            if applied:
+                metrics["matching_loss"] = loss
+            else:
+                log.warning("iteration %d: non-finite matching loss or gradient; update skipped", it)
+            mlflow.log_metrics(metrics, step=it)
+            bar.set_postfix(loss=f"{loss:.4f}", syn_lr=f"{syn.syn_lr.item():.4g}", skipped=state["skipped"])
+            state["iteration"] = it + 1
+            if state["iteration"] % cfg.checkpoint_every == 0 and state["iteration"] < cfg.iterations:
+                checkpoint(tmp, syn, generator, state)
+            if it == first + 1:
+                estimate = remaining_seconds(timing, it + 1, cfg)
+                mlflow.log_metric("estimated_remaining_s", estimate, step=it)
+                log.info("estimated time for the remaining %d iterations: %.0f s", cfg.iterations - it - 1, estimate)
+        if state["best_iteration"] != cfg.iterations:
+            evaluate_now(cfg.iterations)
+        mlflow.log_metrics({"best_val_acc": state["best_val"], "best_iteration": state["best_iteration"]})
+        finish(cfg, real, zca, state, syn.labels.cpu(), tmp, device)
+        return run_id
+
+
+def remaining_seconds(timing: dict, done: int, cfg: DistillConfig) -> float:
+    """Measured seconds per iteration and per evaluation, times what is left (final tests count as two evals)."""
+    evals_left = len(range(done, cfg.iterations, cfg.eval_every)) + 1 + 2
+    per_eval = timing["eval"] / max(timing["evals"], 1)
+    return timing["iteration"] / timing["iterations"] * (cfg.iterations - done) + per_eval * evals_left
+
+
+def checkpoint(tmp: str, syn: SyntheticSet, generator: torch.Generator, state: dict) -> None:
+    path = Path(tmp) / "checkpoint" / "checkpoint.pt"
+    path.parent.mkdir(exist_ok=True)
+    torch.save({"syn": syn.state_dict(), "rng": rng_state(generator), "state": state}, path)
+    mlflow.log_artifact(str(path), "checkpoint")
+
+
+def restore(run_id: str, tmp: str, syn: SyntheticSet, generator: torch.Generator, state: dict) -> dict:
+    path = tracking.download(run_id, CHECKPOINT, Path(tmp) / "resume")
+    try:
+        saved = torch.load(path, weights_only=True)
+        syn.load_state_dict(saved["syn"])
+    except Exception as exc:
+        raise tracking.ArtifactError(f"run {run_id}: checkpoint is unreadable or does not fit: {exc}") from None
+    generator.set_state(saved["rng"]["generator"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    log.info("resuming run %s at iteration %d", run_id, saved["state"]["iteration"])
+    return saved["state"]
+
+
+def finish(cfg: DistillConfig, real: data.RealData, zca: data.ZCA | None, state: dict, labels: torch.Tensor,
+           tmp: str, device: torch.device) -> None:
+    """Test the best set against a random real subset under one protocol; log the set and its grid."""
+    meta = real.info
+    best = data.Split(state["best_images"].to(device), labels.to(device))
+    lr = float(state["best_lr"])
+    test = real.test.to(device)
+    syn_accs = evaluate_set(best, cfg.eval_model, meta, test, lr, cfg.eval_epochs, cfg.num_eval,
+                            seed=cfg.seed + 10**6, progress="test synthetic")
+    def subset(k: int) -> data.Split:  # a different random real subset for each baseline network
+        return real.random_subset(cfg.ipc, torch.Generator().manual_seed(cfg.seed * 1000 + k + 1)).to(device)
+
+    real_accs = evaluate_set(subset, cfg.eval_model, meta, test, cfg.lr_teacher, cfg.eval_epochs, cfg.num_eval,
+                             seed=cfg.seed + 10**6, progress="test random subset")
+    (syn_mean, syn_std), (real_mean, real_std) = mean_std(syn_accs), mean_std(real_accs)
+    mlflow.log_metrics({"test_acc_mean": syn_mean, "test_acc_std": syn_std, "random_subset_test_acc_mean": real_mean,
+                        "random_subset_test_acc_std": real_std, "test_acc_gain": syn_mean - real_mean,
+                        "learned_lr": lr})
+    log.info("synthetic set: test %.4f +- %.4f; random real subset: %.4f +- %.4f", syn_mean, syn_std,
+             real_mean, real_std)
+    out = Path(tmp) / SYNTHETIC_DIR
+    out.mkdir()
+    save_synthetic(out, state["best_images"], labels, lr, meta, cfg, zca)
+    viewable = zca.inverse(state["best_images"]) if zca else state["best_images"]
+    report.image_grid(data.denormalise(viewable, meta), labels, meta, out / "grid.png", out / "grid.html",
+                      title=f"{meta.name} synthetic set, ipc {cfg.ipc} (iteration {state['best_iteration']})")
+    mlflow.log_artifacts(str(out), SYNTHETIC_DIR)
+
+
+def save_synthetic(out: Path, images: torch.Tensor, labels: torch.Tensor, lr: float, meta: data.DatasetInfo,
+                   cfg: DistillConfig, zca: data.ZCA | None) -> None:
+    tensors = {"images": images.contiguous(), "labels": labels.contiguous(), "lr": torch.tensor([lr])}
+    if zca is not None:
+        tensors.update(zca.tensors())
+    spec = {"dataset": meta.name, "ipc": cfg.ipc, "num_classes": meta.num_classes, "channels": meta.channels,
+            "image_size": meta.image_size, "mean": list(meta.mean), "std": list(meta.std), "zca": zca is not None,
+            "model": cfg.eval_model, "learned_lr": lr}
+    save_file(tensors, str(out / "synthetic.safetensors"), metadata={"kdd": json.dumps(spec)})
+    (out / "synthetic.json").write_text(json.dumps(spec, indent=2))
+
+
+def load_synthetic(run_id: str, expect: dict | None = None) -> tuple[data.Split, float, dict, data.ZCA | None]:
+    """The synthetic set of a distill run: (images and labels, learned step size, spec, ZCA or None).
+
+    Loads without unpickling and checks shapes, dtypes and ``expect`` (e.g. dataset) against the spec.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = json.loads(tracking.download(run_id, f"{SYNTHETIC_DIR}/synthetic.json", tmp).read_text())
+        path = tracking.download(run_id, f"{SYNTHETIC_DIR}/synthetic.safetensors", tmp)
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:
+            raise tracking.ArtifactError(f"run {run_id}: synthetic.safetensors is unreadable: {exc}") from None
+    for key, want in (expect or {}).items():
+        if spec.get(key) != want:
+            raise tracking.ArtifactError(f"run {run_id}: synthetic set has {key}={spec.get(key)!r}, expected {want!r}")
+    n = spec["ipc"] * spec["num_classes"]
+    shape = (n, spec["channels"], spec["image_size"], spec["image_size"])
+    images, labels = tensors.get("images"), tensors.get("labels")
+    if images is None or labels is None or tuple(images.shape) != shape or images.dtype != torch.float32 \
+            or tuple(labels.shape) != (n,) or labels.dtype != torch.int64:
+        raise tracking.ArtifactError(f"run {run_id}: synthetic set tensors do not match its spec {shape}")
+    zca = data.ZCA.from_tensors(tensors) if spec["zca"] else None
+    return data.Split(images, labels), float(tensors["lr"][0]), spec, zca

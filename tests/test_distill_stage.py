@@ -1,0 +1,190 @@
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from kdd_mlflow import cli, data, tracking
+from kdd_mlflow.config import DistillConfig, ExpertsConfig
+from kdd_mlflow.stages import distill as distill_stage
+from kdd_mlflow.stages import experts as experts_stage
+
+
+def experts_config(fake_fashion: Path, **kw) -> ExpertsConfig:
+    values = dict(dataset="fashion-mnist", data_dir=str(fake_fashion), val_size=100, budget="quick",
+                  model="convnet-w8", num_experts=2, epochs=3)
+    return ExpertsConfig(**{**values, **kw})
+
+
+def distill_config(fake_fashion: Path, experts_run: str, **kw) -> DistillConfig:
+    values = dict(dataset="fashion-mnist", data_dir=str(fake_fashion), experts_run=experts_run, budget="quick",
+                  ipc=2, iterations=6, syn_steps=4, expert_epochs=1, max_start_epoch=2, eval_every=3, num_eval=2,
+                  eval_epochs=15, checkpoint_every=2, lr_img=100.0)
+    return DistillConfig(**{**values, **kw})
+
+
+def artifact_names(run_id: str, path: str = "") -> set[str]:
+    return {Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, path)}
+
+
+def test_experts_then_distill_end_to_end(fake_fashion):
+    experts_run = experts_stage.run(experts_config(fake_fashion))
+    assert artifact_names(experts_run, "trajectories") == {"expert_0000.safetensors", "expert_0001.safetensors"}
+    manifest = mlflow.artifacts.load_dict(f"runs:/{experts_run}/manifest.json")
+    assert manifest["model"] == "convnet-w8" and manifest["epochs"] == 3 and len(manifest["experts"]) == 2
+    assert all(0 <= e["test_acc"] <= 1 for e in manifest["experts"])
+    params = mlflow.get_run(experts_run).data.params
+    assert params["budget.resolved"] == "quick" and params["budget.lr_teacher"] == "0.01"
+
+    run_id = distill_stage.run(distill_config(fake_fashion, experts_run))
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(run_id, "matching_loss")) == 6
+    assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [0, 3, 6]
+    assert [m.value for m in client.get_metric_history(run_id, "syn_lr")][-1] > 0
+    for key in ("test_acc_mean", "test_acc_std", "random_subset_test_acc_mean", "best_val_acc", "skipped_updates"):
+        assert key in run.data.metrics
+    assert {"synthetic.safetensors", "synthetic.json", "grid.png", "grid.html"} <= artifact_names(run_id, "synthetic")
+    html = mlflow.artifacts.load_text(f"runs:/{run_id}/synthetic/grid.html")
+    assert 'src="https://' not in html and len(html) > 1_000_000  # plotly.js inlined: renders offline
+
+    synthetic, lr, spec, zca = distill_stage.load_synthetic(run_id, expect={"dataset": "fashion-mnist"})
+    assert synthetic.images.shape == (20, 1, 28, 28) and synthetic.labels.tolist() == [c for c in range(10)
+                                                                                       for _ in range(2)]
+    assert lr == pytest.approx(run.data.metrics["learned_lr"]) and zca is None and spec["ipc"] == 2
+    with pytest.raises(tracking.ArtifactError, match="expected 'mnist'"):
+        distill_stage.load_synthetic(run_id, expect={"dataset": "mnist"})
+
+
+def test_shards_fill_one_buffer_and_a_rerun_trains_only_missing_experts(fake_fashion, monkeypatch):
+    first = experts_stage.run(experts_config(fake_fashion, num_experts=3, shard="0/2"))
+    second = experts_stage.run(experts_config(fake_fashion, num_experts=3, shard="1/2"))
+    assert artifact_names(first, "trajectories") == {"expert_0000.safetensors", "expert_0002.safetensors"}
+    assert artifact_names(second, "trajectories") == {"expert_0001.safetensors"}
+    assert len(experts_stage.load_manifests([first, second])["experts"]) == 3
+
+    trained = []
+    real_train = experts_stage.train_expert
+
+    def crash_on_second(*args, **kwargs):
+        if len(trained) == 1:
+            raise KeyboardInterrupt
+        trained.append(1)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(experts_stage, "train_expert", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        experts_stage.run(experts_config(fake_fashion, num_experts=2))
+    crashed = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'KILLED'")
+    crashed_id = crashed["run_id"][0]
+    assert artifact_names(crashed_id, "trajectories") == {"expert_0000.safetensors"}
+
+    monkeypatch.setattr(experts_stage, "train_expert", lambda *a, **k: (trained.append(2), real_train(*a, **k))[1])
+    assert experts_stage.run(experts_config(fake_fashion, num_experts=2, run_id=crashed_id)) == crashed_id
+    assert trained == [1, 2]  # only expert 1 was trained again
+    assert artifact_names(crashed_id, "trajectories") == {"expert_0000.safetensors", "expert_0001.safetensors"}
+    assert mlflow.get_run(crashed_id).info.status == "FINISHED"
+
+
+def test_distill_resume_equals_uninterrupted(fake_fashion, monkeypatch):
+    experts_run = experts_stage.run(experts_config(fake_fashion))
+    whole = distill_stage.run(distill_config(fake_fashion, experts_run))
+
+    calls = []
+    real_iteration = distill_stage.mtt_iteration
+
+    def crash_at_fifth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_iteration(*args, **kwargs)
+
+    monkeypatch.setattr(distill_stage, "mtt_iteration", crash_at_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        distill_stage.run(distill_config(fake_fashion, experts_run))
+    monkeypatch.setattr(distill_stage, "mtt_iteration", real_iteration)
+    crashed = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'KILLED'")
+    resumed = distill_stage.run(distill_config(fake_fashion, experts_run, resume=crashed["run_id"][0]))
+
+    def final(run_id):
+        return load_file(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/synthetic/synthetic.safetensors"))
+
+    a, b = final(whole), final(resumed)
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["lr"], b["lr"])
+    losses = [[m.value for m in mlflow.MlflowClient().get_metric_history(r, "matching_loss")] for r in (whole, resumed)]
+    assert sorted(losses[0]) == sorted(losses[1])
+
+
+def test_distill_rejects_bad_experts_before_work(fake_fashion):
+    result = CliRunner().invoke(cli.main, ["distill", "--experts-run", "0123456789abcdef"])
+    assert result.exit_code == 1 and "experts run '0123456789abcdef' not found" in result.stderr
+    result = CliRunner().invoke(cli.main, ["distill"])
+    assert result.exit_code == 2 and "experts_run: required, and not given" in result.stderr
+    result = CliRunner().invoke(cli.main, ["distill", "--experts-run", " , "])
+    assert result.exit_code == 2 and "give the experts run id" in result.stderr
+
+    experts_run = experts_stage.run(experts_config(fake_fashion))
+    with pytest.raises(ValueError, match="exceeds the experts' 3 epochs"):
+        distill_stage.run(distill_config(fake_fashion, experts_run, max_start_epoch=3))
+    assert mlflow.search_runs(search_all_experiments=True, filter_string="tags.`kdd.stage` = 'distill'").empty
+
+
+def test_shard_syntax_is_checked():
+    result = CliRunner().invoke(cli.main, ["experts", "--shard", "3/2"])
+    assert result.exit_code == 2 and "shard '3/2' must be" in result.stderr
+
+
+@pytest.mark.parametrize("ipc, row", [(1, 1), (10, 10), (50, 50), (20, 10), (40, 50)])
+def test_paper_budget_uses_the_published_row(ipc, row):
+    cfg = DistillConfig(dataset="cifar100", experts_run="x", budget="paper", ipc=ipc)
+    budget, resolved, filled = distill_stage.resolve_budget(cfg, "cpu", {"model": "convnet"})
+    assert budget == "paper" and filled["paper_row_ipc"] == row
+    if row == 50:
+        assert (resolved.syn_steps, resolved.batch_syn, resolved.max_start_epoch) == (80, 125, 40)
+    assert resolved.iterations == 5000 and resolved.eval_model == "convnet"
+    explicit = DistillConfig(dataset="cifar100", experts_run="x", budget="paper", ipc=ipc, syn_steps=7)
+    assert distill_stage.resolve_budget(explicit, "cpu", {"model": "convnet"})[1].syn_steps == 7
+
+
+def test_auto_budget_follows_the_device():
+    cfg = DistillConfig(experts_run="x")
+    assert distill_stage.resolve_budget(cfg, "cuda", {"model": "convnet"})[0] == "paper"
+    assert distill_stage.resolve_budget(cfg, "cpu", {"model": "convnet"})[0] == "quick"
+
+
+def test_zca_whitening_is_recorded_with_the_set(fake_fashion):
+    real = data.load("fashion-mnist", fake_fashion, val_size=100)
+    raw = real.train.images.clone()
+    zca = data.whiten(real)
+    torch.testing.assert_close(zca.inverse(real.train.images), raw, rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_mlflow_run_experts_then_distill(fake_fashion, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "KDD_DATA_DIR": str(fake_fashion.parent),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def mlflow_run(entry: str, *params: str) -> str:
+        cmd = [sys.executable, "-m", "mlflow", "run", str(root), "-e", entry, "--env-manager", "local"]
+        for p in ("dataset=fashion-mnist", "val_size=100", "budget=quick", *params):
+            cmd += ["-P", p]
+        done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr.split("=== Run (ID '")[-1].split("'")[0]
+
+    experts_run = mlflow_run("experts", "model=convnet-w8", "num_experts=1", "epochs=3")
+    distill_run = mlflow_run("distill", f"experts_run={experts_run}", "ipc=1", "iterations=2", "syn_steps=2",
+                             "expert_epochs=1", "max_start_epoch=2", "eval_every=2", "num_eval=1", "eval_epochs=5")
+    run = mlflow.get_run(distill_run)
+    assert run.info.status == "FINISHED" and run.data.params["syn_steps"] == "2"
+    assert run.data.params["budget.lr_img"] == "100.0" and "test_acc_mean" in run.data.metrics
+    params = mlflow.get_run(experts_run).data.params
+    assert "budget.model" not in params and params["model"] == "convnet-w8" and params["budget.lr_teacher"] == "0.01"

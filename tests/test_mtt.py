@@ -1,0 +1,141 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from kdd_mlflow import data, models
+from kdd_mlflow.augment import DSA
+from kdd_mlflow.distill.experts import (
+    Trajectory,
+    TrajectoryMeta,
+    flat_parameters,
+    layout,
+    save_trajectory,
+    train_expert,
+)
+from kdd_mlflow.distill.mtt import (
+    FlatModel,
+    SyntheticSet,
+    Unroll,
+    matching_loss,
+    minibatch_schedule,
+    mtt_iteration,
+    student_endpoint,
+)
+from kdd_mlflow.train import SGDRecipe
+
+
+def tiny_problem(seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = models.create("convnet-w8-d2", 1, 4, 16).to(dtype)
+    student = FlatModel(model)
+    start = flat_parameters(model).to(dtype)
+    target = start + 0.05 * torch.randn(start.shape, dtype=dtype)
+    images = torch.randn(8, 1, 16, 16, dtype=dtype)
+    labels = torch.arange(4).repeat_interleave(2)
+    return student, start, target, images, labels
+
+
+def test_matching_loss_by_hand():
+    start, target, end = torch.tensor([0.0, 0.0]), torch.tensor([3.0, 4.0]), torch.tensor([3.0, 2.0])
+    # ||end - target||^2 = 4, ||start - target||^2 = 25
+    assert matching_loss(end, start, target).item() == pytest.approx(4 / 25)
+
+
+def test_one_unrolled_step_equals_a_manual_sgd_step():
+    student, start, _, images, labels = tiny_problem()
+    lr = torch.tensor(0.1)
+    end = student_endpoint(student, start, images, labels, lr, Unroll(syn_steps=1), None, torch.Generator())
+
+    model = models.create("convnet-w8-d2", 1, 4, 16)
+    torch.nn.utils.vector_to_parameters(start.clone(), model.parameters())
+    F.cross_entropy(model(images), labels).backward()
+    manual = torch.cat([(p - 0.1 * p.grad).detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(end.detach(), manual, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_images_and_step_size():
+    student, start, target, images, labels = tiny_problem()
+    lr = torch.tensor(0.05, requires_grad=True)
+    x = images.clone().requires_grad_(True)
+    end = student_endpoint(student, start, x, labels, lr, Unroll(syn_steps=3, batch_syn=4), DSA(),
+                           torch.Generator().manual_seed(0))
+    matching_loss(end, start, target).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert lr.grad is not None and lr.grad != 0
+
+
+def test_iteration_updates_the_set_and_lowers_the_loss():
+    student, start, target, images, labels = tiny_problem()
+    syn = SyntheticSet(images, labels, syn_lr=0.05, lr_img=10.0, lr_lr=1e-4)
+    before = syn.images.detach().clone()
+    losses = [mtt_iteration(syn, student, start, target, Unroll(5), None, torch.Generator().manual_seed(0))[0]
+              for _ in range(5)]
+    assert not torch.equal(before, syn.images.detach())
+    assert losses[-1] < losses[0]
+
+
+def test_minibatch_schedule_covers_the_set_in_passes():
+    steps = minibatch_schedule(10, Unroll(syn_steps=5, batch_syn=4), torch.Generator().manual_seed(0))
+    assert [len(s) for s in steps] == [4, 4, 2, 4, 4]
+    assert sorted(torch.cat(steps[:3]).tolist()) == list(range(10))
+
+
+def test_non_finite_loss_skips_the_update_and_keeps_the_images():
+    _, _, _, images, labels = tiny_problem()
+    images[0, 0, 0, 0] = 0.0
+    syn = SyntheticSet(images, labels, syn_lr=0.01, lr_img=1.0, lr_lr=1e-5)
+    before, lr_before = syn.images.detach().clone(), syn.syn_lr.item()
+    assert syn.update(syn.images.sum() * float("nan")) is False
+    assert syn.update(syn.images.sum() * float("inf")) is False
+    assert syn.update(syn.images.abs().sqrt().sum() * syn.syn_lr) is False  # finite loss, infinite gradient
+    assert torch.equal(syn.images.detach(), before) and syn.syn_lr.item() == lr_before
+    assert syn.update((syn.images ** 2).sum() + syn.syn_lr) is True
+
+
+def test_step_size_cannot_turn_negative():
+    _, _, _, images, labels = tiny_problem()
+    syn = SyntheticSet(images, labels, syn_lr=0.01, lr_img=1.0, lr_lr=10.0)
+    syn.update(syn.syn_lr * 100.0)  # a gradient step of -1000 on a step size of 0.01
+    assert syn.syn_lr.item() > 0
+
+
+def test_expert_snapshots_are_copies(fake_fashion):
+    real = data.load("fashion-mnist", fake_fashion, val_size=100)
+    model = models.create("convnet-w8-d2", 1, 10, 28)
+    trajectory, acc = train_expert(model, real.train, real.test, SGDRecipe(3, 128, 0.01, 0, 0, "constant"),
+                                   torch.Generator().manual_seed(0), None, progress=False)
+    assert trajectory.shape == (4, models.count_parameters(model))
+    assert all(not torch.equal(trajectory[e], trajectory[e + 1]) for e in range(3))
+    assert torch.equal(trajectory[-1], flat_parameters(model))
+    assert 0 <= acc <= 1
+
+
+def test_trajectory_round_trip_and_checks(tmp_path):
+    model = models.create("convnet-w8-d2", 1, 4, 16)
+    meta = TrajectoryMeta("mnist", "convnet-w8-d2", 2, False, layout(model), 0, 0.5)
+    traj = torch.randn(3, meta.num_params)
+    save_trajectory(tmp_path / "e.safetensors", traj, meta)
+    loaded = Trajectory(tmp_path / "e.safetensors", expect={"dataset": "mnist"})
+    assert torch.equal(loaded.epoch(2), traj[2]) and loaded.meta == meta
+    with pytest.raises(ValueError, match="dataset is 'mnist', expected 'cifar10'"):
+        Trajectory(tmp_path / "e.safetensors", expect={"dataset": "cifar10"})
+    with pytest.raises(IndexError):
+        loaded.epoch(3)
+    save_file({"trajectory": traj[:2].contiguous()}, str(tmp_path / "short.safetensors"),
+              metadata={"kdd": json.dumps(meta.__dict__)})
+    with pytest.raises(ValueError, match="expected F32"):
+        Trajectory(tmp_path / "short.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "e.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable trajectory"):
+        Trajectory(tmp_path / "cut.safetensors")
+
+
+def test_zca_inverse_recovers_images():
+    x = torch.randn(200, 1, 6, 6) * torch.linspace(0.5, 2, 36).view(1, 1, 6, 6)
+    zca = data.ZCA.fit(x)
+    torch.testing.assert_close(zca.inverse(zca(x)), x, rtol=1e-3, atol=1e-3)
+    white = zca(x).flatten(1)
+    assert white.std(0).max() < x.flatten(1).std(0).max()
