@@ -11,7 +11,15 @@ import click
 from pydantic import BaseModel, ValidationError
 
 from kdd_mlflow import __version__, tracking
-from kdd_mlflow.config import DistillConfig, ExpertsConfig, TrainConfig, one_line
+from kdd_mlflow.config import (
+    DistillConfig,
+    EvaluateConfig,
+    ExpertsConfig,
+    KDConfig,
+    TeacherConfig,
+    TrainConfig,
+    one_line,
+)
 from kdd_mlflow.data import DataUnavailableError
 
 EXIT_BAD_INPUT = 2
@@ -119,6 +127,34 @@ def experts(cfg: ExpertsConfig) -> str:
 def distill(cfg: DistillConfig) -> str:
     """Distil a synthetic set from experts run(s) by matching training trajectories (MTT)."""
     from kdd_mlflow.stages import distill as stage
+
+    return stage.run(cfg)
+
+
+@stage_command(main, "teacher", TeacherConfig)
+def teacher(cfg: TeacherConfig) -> str:
+    """Train the bigger (teacher) model on real data or on a distill run's synthetic set."""
+    from kdd_mlflow.stages import train as stage
+
+    return stage.run_teacher(cfg)
+
+
+@stage_command(main, "kd", KDConfig)
+def kd(cfg: KDConfig) -> str:
+    """Distil a teacher run into a small student on real data, a synthetic set or a random subset.
+
+    Losses: hinton = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE; mse = alpha * logit MSE +
+    (1 - alpha) * CE; hint = hinton + beta * FitNets feature hint. alpha weighs the distillation term.
+    """
+    from kdd_mlflow.stages import kd as stage
+
+    return stage.run(cfg)
+
+
+@stage_command(main, "evaluate", EvaluateConfig)
+def evaluate(cfg: EvaluateConfig) -> str:
+    """Every test metric of several model runs side by side, with fidelity to a reference teacher."""
+    from kdd_mlflow.stages import evaluate as stage
 
     return stage.run(cfg)
 

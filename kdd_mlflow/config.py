@@ -232,3 +232,92 @@ def resolve(cfg: BaseModel, table: dict) -> tuple[BaseModel, dict]:
     """A copy of ``cfg`` with every unset field that ``table`` names filled in, and what was filled."""
     filled = {k: v for k, v in table.items() if k in type(cfg).model_fields and getattr(cfg, k) is None}
     return cfg.model_copy(update=filled), filled
+
+
+class TeacherConfig(StageConfig):
+    """The bigger model, trained on real data or on a distill run's synthetic set.
+
+    Unset values depend on the budget and the source: on a synthetic set, DSA, the learned step size
+    and the MTT evaluation schedule (x0.1 at half-time) for many epochs; on real data, cosine SGD.
+    """
+
+    budget: Budget = Field("auto", description="quick (CPU minutes), paper (published settings), auto (by device)")
+    model: str | None = Field(None, description="teacher architecture (quick: convnet-w64, paper: resnet18)")
+    synthetic_run: str | None = Field(None, description="distill run id: train on its synthetic set, not real data")
+    epochs: int | None = Field(None, ge=1, description="epochs (real: quick 3 / paper 100; synthetic: 300 / 1000)")
+    batch_size: int = Field(256, ge=1, description="images per SGD step")
+    lr: float | None = Field(None, gt=0, description="learning rate (real: 0.05; synthetic: the learned step size)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay")
+    schedule: Literal["cosine", "step", "constant"] | None = Field(
+        None, description="learning-rate schedule (real: cosine; synthetic: step, x0.1 at half-time)")
+    augment: Literal["none", "dsa"] | None = Field(None, description="augmentation (real: none; synthetic: dsa)")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str | None) -> str | None:
+        return None if v is None else models.check_name(v)
+
+
+class KDConfig(StageConfig):
+    """A small student distilled from a teacher run on a transfer set (real data, a synthetic set, or a
+    random real subset). ``alpha`` weighs the distillation term, ``1 - alpha`` the hard-label loss."""
+
+    teacher_run: str = Field(description="teacher run id (a teacher or train run) (required)")
+    budget: Budget = Field("auto", description="quick (CPU minutes), paper (published settings), auto (by device)")
+    student: str | None = Field(None, description="student architecture (quick: convnet-w16, paper: convnet-w32)")
+    transfer: Literal["real", "synthetic", "subset"] = Field(
+        "real", description="transfer set: real training data, a distill run's synthetic set, or a random subset")
+    synthetic_run: str | None = Field(None, description="distill run id (transfer=synthetic)")
+    ipc: int | None = Field(None, ge=1, description="images per class of the random subset (transfer=subset)")
+    loss: Literal["hinton", "mse", "hint"] = Field(
+        "hinton", description="Hinton KD, logit MSE, or Hinton + FitNets hint")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature T of the Hinton term")
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the distillation term; 1 - alpha on hard labels")
+    beta: float = Field(1.0, ge=0, description="weight of the feature-hint term (loss=hint)")
+    hint_student_layer: str | None = Field(None, description="student layer for the hint (default: its last block)")
+    hint_teacher_layer: str | None = Field(None, description="teacher layer for the hint (default: its last block)")
+    augment: Literal["none", "dsa", "mixup"] | None = Field(
+        None, description="transfer-set augmentation, labelled online by the teacher (real: none; small sets: dsa)")
+    init_from_teacher: bool = Field(
+        False, description="start the student from the teacher's weights where shapes match")
+    epochs: int | None = Field(None, ge=1, description="epochs (real: quick 3 / paper 100; small sets: 300 / 1000)")
+    batch_size: int = Field(256, ge=1, description="images per SGD step")
+    lr: float | None = Field(
+        None, gt=0, description="learning rate (real: 0.05; synthetic: the learned step size; subset: 0.01)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay")
+    schedule: Literal["cosine", "step", "constant"] | None = Field(
+        None, description="learning-rate schedule (real: cosine; small sets: step)")
+
+    @field_validator("student")
+    @classmethod
+    def _known_model(cls, v: str | None) -> str | None:
+        return None if v is None else models.check_name(v)
+
+    def model_post_init(self, _context) -> None:
+        if self.transfer == "synthetic" and not self.synthetic_run:
+            raise ValueError("transfer=synthetic needs synthetic_run (a distill run id)")
+        if self.transfer == "subset" and not self.ipc:
+            raise ValueError("transfer=subset needs ipc (images per class)")
+
+
+class EvaluateConfig(StageConfig):
+    """Every metric of several model runs on the test set, side by side, with fidelity to a reference."""
+
+    runs: str = Field(description="model run ids (train, teacher or kd runs), comma-separated (required)")
+    reference: str | None = Field(None, description="reference (teacher) run id for agreement and KL")
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [r.strip() for r in self.runs.split(",") if r.strip()]
+
+
+QUICK_TEACHER = {"real": dict(model="convnet-w64", epochs=3, lr=0.05, schedule="cosine", augment="none"),
+                 "small": dict(model="convnet-w64", epochs=300, schedule="step", augment="dsa")}
+PAPER_TEACHER = {"real": dict(model="resnet18", epochs=100, lr=0.05, schedule="cosine", augment="dsa"),
+                 "small": dict(model="resnet18", epochs=1000, schedule="step", augment="dsa")}
+QUICK_KD = {"real": dict(student="convnet-w16", epochs=3, lr=0.05, schedule="cosine", augment="none"),
+            "small": dict(student="convnet-w16", epochs=300, lr=0.01, schedule="step", augment="dsa")}
+PAPER_KD = {"real": dict(student="convnet-w32", epochs=100, lr=0.05, schedule="cosine", augment="dsa"),
+            "small": dict(student="convnet-w32", epochs=1000, lr=0.01, schedule="step", augment="dsa")}

@@ -35,3 +35,34 @@ def image_grid(pixels: torch.Tensor, labels: torch.Tensor, meta: DatasetInfo, pn
     fig.update_xaxes(showticklabels=False)
     fig.update_layout(coloraxis_showscale=False, height=max(400, 40 * meta.num_classes))
     write_html(fig, html)
+
+
+def log_rows(rows: list[dict], name: str) -> None:
+    """Log a list of records as an MLflow table (``name``.json, shown in the UI), CSV and Markdown."""
+    import mlflow
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    mlflow.log_table(frame, f"{name}.json")
+    mlflow.log_text(frame.to_csv(index=False), f"{name}.csv")
+    mlflow.log_text(markdown_table(rows), f"{name}.md")
+
+
+def markdown_table(rows: list[dict], floats: str = "{:.4f}") -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [floats.format(row[k]) if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def metric_bars(rows: list[dict], label: str, keys: list[str], title: str):
+    """Grouped bars: one group per row, one bar per metric."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure([go.Bar(name=k, x=[r[label] for r in rows], y=[r.get(k) for r in rows]) for k in keys])
+    fig.update_layout(barmode="group", title=title, yaxis_title="value", xaxis_title=label)
+    return fig

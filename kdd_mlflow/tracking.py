@@ -8,6 +8,7 @@ against what the caller expects.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdd_mlflow import models
+from kdd_mlflow.data import ZCA
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +116,22 @@ def mark_failed(reason: str) -> None:
         log.warning("could not mark run %s failed: %s", run_id, exc)
 
 
-def log_model(model: nn.Module, spec: dict[str, Any], example: torch.Tensor, name: str = "model") -> None:
+def log_model(model: nn.Module, spec: dict[str, Any], example: torch.Tensor, name: str = "model",
+              zca: ZCA | None = None) -> None:
     """Log ``model`` twice: as an MLflow model (pt2, with signature and input example) for users, and
-    as safetensors weights plus ``spec`` for the stages, which load it without unpickling."""
+    as safetensors weights plus ``spec`` for the stages, which load it without unpickling. A model that
+    takes ZCA-whitened inputs carries its whitening (``{name}.zca.safetensors``)."""
     model.eval()
-    cpu_model = model.to("cpu") if next(model.parameters()).device.type != "cpu" else model
+    cpu_model = copy.deepcopy(model).to("cpu")
     example = example[:2].detach().cpu()
     mlflow.pytorch.log_model(
         cpu_model, name=name, input_example=example.numpy(), serialization_format="pt2",
     )
+    spec = {**spec, "zca": zca is not None}
     with tempfile.TemporaryDirectory() as tmp:
         save_file({k: v.contiguous() for k, v in cpu_model.state_dict().items()}, f"{tmp}/{name}.safetensors")
+        if zca is not None:
+            save_file({k: v.contiguous() for k, v in zca.tensors().items()}, f"{tmp}/{name}.zca.safetensors")
         Path(f"{tmp}/{name}.json").write_text(json.dumps(spec, indent=2))
         mlflow.log_artifacts(tmp, WEIGHTS_DIR)
 
@@ -137,14 +144,21 @@ def download(run_id: str, path: str, dst: str | Path | None = None) -> Path:
         raise ArtifactError(f"run {run_id}: cannot fetch artifact {path!r}: {str(exc).splitlines()[0]}") from None
 
 
-def load_model(run_id: str, name: str = "model", expect: dict[str, Any] | None = None) -> tuple[nn.Module, dict]:
-    """Rebuild a model logged by ``log_model`` and check its spec against ``expect``."""
+def load_model(run_id: str, name: str = "model", expect: dict[str, Any] | None = None
+               ) -> tuple[nn.Module, dict, ZCA | None]:
+    """Rebuild a model logged by ``log_model``, check its spec against ``expect``; return it, its spec
+    and the ZCA whitening its inputs need (or None)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = download(run_id, f"{WEIGHTS_DIR}/{name}.json", tmp)
         weights_path = download(run_id, f"{WEIGHTS_DIR}/{name}.safetensors", tmp)
         try:
             spec = json.loads(spec_path.read_text())
             state = load_file(str(weights_path))
+            zca = None
+            if spec.get("zca"):
+                zca = ZCA.from_tensors(load_file(str(download(run_id, f"{WEIGHTS_DIR}/{name}.zca.safetensors", tmp))))
+        except ArtifactError:
+            raise
         except Exception as exc:
             raise ArtifactError(f"run {run_id}: {name} weights are unreadable: {exc}") from None
     for key, want in (expect or {}).items():
@@ -155,4 +169,4 @@ def load_model(run_id: str, name: str = "model", expect: dict[str, Any] | None =
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ArtifactError(f"run {run_id}: {name} weights do not fit {spec['model']}: {exc}") from None
-    return model, spec
+    return model, spec, zca

@@ -14,6 +14,20 @@ from kdd_mlflow.augment import DSA
 from kdd_mlflow.data import Split
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+# objective(model, images, labels, generator) -> (loss, logits); augmentation happens inside.
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+def supervised(augment: DSA | None = None) -> Objective:
+    """Cross-entropy on (optionally DSA-augmented) images."""
+
+    def objective(model, x, y, generator):
+        if augment is not None:
+            x = augment(x, generator)
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+
+    return objective
 
 
 @dataclass
@@ -53,15 +67,20 @@ def fit(
     val: Split | None = None,
     on_epoch: EpochCallback | None = None,
     progress: bool | str = True,
+    objective: Objective | None = None,
+    extra_parameters: list[torch.nn.Parameter] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on ``train`` (already on the model's device); return the last epoch's metrics.
 
-    Per-batch statistics stay on the device and are read once per epoch, so the loop never waits on
-    the host between steps.
+    ``objective`` defaults to cross-entropy with ``augment``; ``extra_parameters`` (e.g. a hint adapter)
+    are optimised alongside the model. Per-batch statistics stay on the device and are read once per
+    epoch, so the loop never waits on the host between steps.
     """
     device = next(model.parameters()).device
+    objective = objective or supervised(augment)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+        [*model.parameters(), *(extra_parameters or [])],
+        lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
     )
     steps = -(-len(train) // recipe.batch_size)
     scheduler = recipe.scheduler(optimizer, steps)
@@ -74,10 +93,7 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.long)
         for idx in batches(len(train), recipe.batch_size, generator, device):
             x, y = train.images[idx], train.labels[idx]
-            if augment is not None:
-                x = augment(x, generator)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss, logits = objective(model, x, y, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -42,7 +42,8 @@ def test_train_stage_logs_run_and_model_round_trips(fake_fashion):
     assert config == cfg.model_dump()
 
     real = data.load("fashion-mnist", fake_fashion, val_size=100)
-    ours, spec = tracking.load_model(run_id, expect={"dataset": "fashion-mnist"})
+    ours, spec, zca = tracking.load_model(run_id, expect={"dataset": "fashion-mnist"})
+    assert zca is None and spec["model"] == "convnet-w32"
     logged = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     x = real.test.images[:16]
     with torch.no_grad():

@@ -1,0 +1,96 @@
+"""Stage ``kd``: a small student distilled from a teacher run on a transfer set.
+
+Besides the student's own accuracy, NLL and ECE, the run logs fidelity to its teacher (top-1 agreement
+and KL(teacher || student) at T = 1) on the transfer data and on the test data, and the compression
+ratios (teacher / student parameters; full / transfer images).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import mlflow
+import torch
+
+from kdd_mlflow import config, data, kd, metrics, models, tracking
+from kdd_mlflow.config import KDConfig
+from kdd_mlflow.runtime import pick_device, seed_everything
+from kdd_mlflow.stages.train import resolve_by_source, small_set_source, train_and_log
+from kdd_mlflow.train import SGDRecipe, predict_logits
+
+log = logging.getLogger(__name__)
+
+# The last feature block of each family: where a hint is taken when no layer is named.
+FEATURE_LAYERS = {"convnet": "features", "resnet18": "layer4", "mlp": "4"}
+
+
+def feature_layer(model_name: str) -> str:
+    return FEATURE_LAYERS[model_name.split("-")[0]]
+
+
+def transfer_set(cfg: KDConfig, real: data.RealData, teacher_zca: data.ZCA | None
+                 ) -> tuple[data.Split, float | None, data.ZCA | None]:
+    """The transfer images (in the teacher's input space), a learned step size if any, and the whitening."""
+    if cfg.transfer == "synthetic":
+        synthetic, lr, zca = small_set_source(cfg.synthetic_run, real)
+        if (zca is None) != (teacher_zca is None):
+            raise tracking.ArtifactError(
+                f"synthetic set of run {cfg.synthetic_run} and teacher run {cfg.teacher_run} disagree on ZCA whitening"
+            )
+        return synthetic, lr, zca
+    if teacher_zca is not None:
+        for split in (real.train, real.val, real.test):
+            split.images = teacher_zca(split.images)
+    if cfg.transfer == "subset":
+        return real.random_subset(cfg.ipc, torch.Generator().manual_seed(cfg.seed + 1)), None, teacher_zca
+    return real.train, None, teacher_zca
+
+
+def run(asked: KDConfig) -> str:
+    """Distil the teacher run into a small student on the transfer set; return the run id."""
+    device = pick_device(asked.device)
+    budget = config.pick_budget(asked.budget, device.type)
+    teacher, teacher_spec, teacher_zca = tracking.load_model(asked.teacher_run, expect={"dataset": asked.dataset})
+    real = data.load(asked.dataset, asked.data_dir, asked.val_size, asked.train_limit)
+    full_images = len(real.train)
+    transfer, learned_lr, zca = transfer_set(asked, real, teacher_zca)
+    cfg, filled = resolve_by_source(asked, budget, asked.transfer != "real", config.QUICK_KD, config.PAPER_KD,
+                                    learned_lr)
+    meta = real.info
+    generator = seed_everything(cfg.seed)
+    teacher = teacher.to(device)
+    student = models.create(cfg.student, meta.channels, meta.num_classes, meta.image_size).to(device)
+    if cfg.init_from_teacher:
+        copied = kd.init_from_teacher(student, teacher)
+        log.info("student initialised from %d teacher tensors", copied)
+    loss = kd.create_loss(cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta,
+                          student_layer=cfg.hint_student_layer or feature_layer(cfg.student),
+                          teacher_layer=cfg.hint_teacher_layer or feature_layer(teacher_spec["model"]))
+    with tracking.stage_run("kd", asked, run_name=f"kd-{teacher_spec['model']}-to-{cfg.student}-{cfg.transfer}",
+                            resolved=cfg, tags={"kdd.transfer": cfg.transfer}) as active:
+        tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()},
+                             "teacher_model": teacher_spec["model"]})
+        recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule)
+        transfer_on_device = transfer.to(device)
+        with loss.attach(student, teacher, example=transfer_on_device.images[:2]):
+            train_and_log(student, cfg.student, transfer_on_device, real, recipe, generator, device,
+                          objective=kd.kd_objective(teacher, loss, cfg.augment),
+                          extra_parameters=loss.extra_parameters(), zca=zca)
+        fid = fidelity_metrics(teacher, student, transfer_on_device, real.test.to(device))
+        fid.update(metrics.compression(models.count_parameters(teacher), models.count_parameters(student),
+                                       full_images, len(transfer)))
+        fid["teacher_parameters"] = models.count_parameters(teacher)
+        mlflow.log_metrics(fid)
+        log.info("agreement with the teacher: test %.4f, transfer %.4f", fid["test_agreement"],
+                 fid["transfer_agreement"])
+        return active.info.run_id
+
+
+def fidelity_metrics(teacher, student, transfer: data.Split, test: data.Split) -> dict[str, float]:
+    out = {}
+    for name, split in (("transfer", transfer), ("test", test)):
+        t, s = predict_logits(teacher, split.images), predict_logits(student, split.images)
+        out.update({f"{name}_{k}": v for k, v in metrics.fidelity(t, s).items()})
+        if name == "test":
+            out["teacher_test_acc"] = metrics.accuracy(t, split.labels.to(t.device))
+    return out
