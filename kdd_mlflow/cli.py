@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from kdd_mlflow import __version__, tracking
 from kdd_mlflow.config import (
+    CombinedConfig,
     DistillConfig,
     EvaluateConfig,
     ExpertsConfig,
@@ -78,7 +79,7 @@ def stage_command(group: click.Group, name: str, config_cls: type[BaseModel]):
                 run_id = stage(cfg)
             except DataUnavailableError as exc:
                 fail(name, str(exc), EXIT_FAILED)
-            except (ValueError, tracking.ArtifactError, FloatingPointError) as exc:
+            except (ValueError, RuntimeError, FileNotFoundError, ArithmeticError) as exc:
                 fail(name, str(exc).splitlines()[0], EXIT_FAILED)
             click.echo(f"run_id: {run_id}")
 
@@ -157,6 +158,16 @@ def evaluate(cfg: EvaluateConfig) -> str:
     from kdd_mlflow.stages import evaluate as stage
 
     return stage.run(cfg)
+
+
+@stage_command(main, "combined", CombinedConfig)
+def combined(cfg: CombinedConfig) -> str:
+    """The whole study: experts, distill and every comparison arm as child runs of one parent, then the
+    comparison report (table and figures) on the parent. Finished stages with the same parameters and
+    code version are reused (--force all, or stage names, re-runs them)."""
+    from kdd_mlflow import pipeline
+
+    return pipeline.run(cfg)
 
 
 if __name__ == "__main__":

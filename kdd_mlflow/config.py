@@ -13,15 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kdd_mlflow import data, models
 
 
-class StageConfig(BaseModel):
-    """Fields every stage shares."""
+class CommonConfig(BaseModel):
+    """Fields every command shares."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     dataset: str = Field("fashion-mnist", description="mnist, fashion-mnist, cifar10 or cifar100")
     data_dir: str | None = Field(None, description="directory searched first for the dataset's files")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), or a torch device name")
-    seed: int = Field(0, ge=0, description="seed for every random draw of the run")
     val_size: int = Field(5000, ge=10, description="training images held out for validation")
     train_limit: int | None = Field(
         None, ge=10, description="use only this many training images (evenly per class); for quick checks"
@@ -39,6 +38,12 @@ class StageConfig(BaseModel):
         if v != "auto" and v.split(":")[0] not in {"cpu", "cuda", "mps"}:
             raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
         return v
+
+
+class StageConfig(CommonConfig):
+    """Fields every stage shares."""
+
+    seed: int = Field(0, ge=0, description="seed for every random draw of the run")
 
 
 class TrainConfig(StageConfig):
@@ -218,7 +223,7 @@ PAPER_RUN = dict(iterations=5000, eval_every=500, num_eval=5, eval_epochs=1000, 
 # a subset, short unrolls.
 QUICK_EXPERTS = dict(model="convnet-w32", num_experts=3, epochs=6, lr_teacher=1e-2, train_limit=10000, zca=False)
 QUICK_DISTILL = dict(syn_steps=10, expert_epochs=2, max_start_epoch=4, lr_img=1e2, lr_lr=1e-5, lr_teacher=1e-2,
-                     batch_syn=None, iterations=100, eval_every=50, num_eval=3, eval_epochs=300,
+                     batch_syn=None, iterations=100, eval_every=50, num_eval=3, eval_epochs=200,
                      checkpoint_every=25)
 
 
@@ -244,9 +249,11 @@ class TeacherConfig(StageConfig):
     budget: Budget = Field("auto", description="quick (CPU minutes), paper (published settings), auto (by device)")
     model: str | None = Field(None, description="teacher architecture (quick: convnet-w64, paper: resnet18)")
     synthetic_run: str | None = Field(None, description="distill run id: train on its synthetic set, not real data")
-    epochs: int | None = Field(None, ge=1, description="epochs (real: quick 3 / paper 100; synthetic: 300 / 1000)")
+    ipc: int | None = Field(None, ge=1, description="train on a random real subset of ipc images per class instead")
+    epochs: int | None = Field(None, ge=1, description="epochs (real: quick 3 / paper 100; small sets: 200 / 1000)")
     batch_size: int = Field(256, ge=1, description="images per SGD step")
-    lr: float | None = Field(None, gt=0, description="learning rate (real: 0.05; synthetic: the learned step size)")
+    lr: float | None = Field(
+        None, gt=0, description="learning rate (real: 0.05; synthetic: the learned step size; subset: 0.01)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay")
     schedule: Literal["cosine", "step", "constant"] | None = Field(
@@ -257,6 +264,14 @@ class TeacherConfig(StageConfig):
     @classmethod
     def _known_model(cls, v: str | None) -> str | None:
         return None if v is None else models.check_name(v)
+
+    def model_post_init(self, _context) -> None:
+        if self.synthetic_run and self.ipc:
+            raise ValueError("give synthetic_run or ipc (a random real subset), not both")
+
+    @property
+    def source(self) -> str:
+        return "synthetic" if self.synthetic_run else "subset" if self.ipc else "real"
 
 
 class KDConfig(StageConfig):
@@ -281,7 +296,7 @@ class KDConfig(StageConfig):
         None, description="transfer-set augmentation, labelled online by the teacher (real: none; small sets: dsa)")
     init_from_teacher: bool = Field(
         False, description="start the student from the teacher's weights where shapes match")
-    epochs: int | None = Field(None, ge=1, description="epochs (real: quick 3 / paper 100; small sets: 300 / 1000)")
+    epochs: int | None = Field(None, ge=1, description="epochs (real: quick 3 / paper 100; small sets: 200 / 1000)")
     batch_size: int = Field(256, ge=1, description="images per SGD step")
     lr: float | None = Field(
         None, gt=0, description="learning rate (real: 0.05; synthetic: the learned step size; subset: 0.01)")
@@ -314,10 +329,129 @@ class EvaluateConfig(StageConfig):
 
 
 QUICK_TEACHER = {"real": dict(model="convnet-w64", epochs=3, lr=0.05, schedule="cosine", augment="none"),
-                 "small": dict(model="convnet-w64", epochs=300, schedule="step", augment="dsa")}
+                 "small": dict(model="convnet-w64", epochs=200, lr=0.01, schedule="step", augment="dsa")}
 PAPER_TEACHER = {"real": dict(model="resnet18", epochs=100, lr=0.05, schedule="cosine", augment="dsa"),
-                 "small": dict(model="resnet18", epochs=1000, schedule="step", augment="dsa")}
+                 "small": dict(model="resnet18", epochs=1000, lr=0.01, schedule="step", augment="dsa")}
 QUICK_KD = {"real": dict(student="convnet-w16", epochs=3, lr=0.05, schedule="cosine", augment="none"),
-            "small": dict(student="convnet-w16", epochs=300, lr=0.01, schedule="step", augment="dsa")}
+            "small": dict(student="convnet-w16", epochs=200, lr=0.01, schedule="step", augment="dsa")}
 PAPER_KD = {"real": dict(student="convnet-w32", epochs=100, lr=0.05, schedule="cosine", augment="dsa"),
             "small": dict(student="convnet-w32", epochs=1000, lr=0.01, schedule="step", augment="dsa")}
+
+
+ARMS = {
+    "teacher-full": "teacher trained on the full real training set (the reference for fidelity)",
+    "student-full": "student trained on the full real training set (hard labels)",
+    "kd-full": "Hinton KD from the full-data teacher into the student on the full real data",
+    "convnet-synthetic": "the distillation ConvNet trained on the synthetic set (the MTT baseline)",
+    "student-synthetic": "student trained on the synthetic set with its hard labels",
+    "student-subset": "student trained on a random real subset of the same size (hard labels)",
+    "kd-subset": "KD from the full-data teacher into the student on that random real subset",
+    "teacher-synthetic": "teacher trained on the synthetic set",
+    "proposal": "teacher trained on the synthetic set, then KD into the student on the synthetic set",
+    "kd-full-teacher-synthetic": "KD from the full-data teacher into the student on the synthetic set",
+}
+
+
+class CombinedConfig(CommonConfig):
+    """The whole study as one parent run: experts -> distill -> every arm as a child run -> comparison."""
+
+    dataset: str = Field("mnist", description="mnist, fashion-mnist, cifar10 or cifar100")
+    budget: Budget = Field("auto", description="quick (CPU minutes), paper (published settings), auto (by device)")
+    ipc: int = Field(10, ge=1, description="synthetic images per class (and size of the random real subset)")
+    seeds: str = Field("0", description="comma-separated seeds; every model arm is trained once per seed")
+    arms: str = Field("all", description=f"comma-separated arms, or all: {', '.join(ARMS)}")
+    teacher_model: str | None = Field(None, description="teacher architecture (default: the budget's)")
+    student_model: str | None = Field(None, description="student architecture (default: the budget's)")
+    temperature: float = Field(4.0, gt=0, description="KD temperature T")
+    alpha: float = Field(0.9, ge=0, le=1, description="KD weight of the distillation term (1 - alpha on hard labels)")
+    overrides: str = Field("", description="stage or arm parameters, e.g. distill.iterations=500,teacher-full.epochs=5")
+    force: str = Field("", description="re-run instead of reusing finished stages: all, or stage names (experts,...)")
+    env_manager: str = Field("auto", description="environment manager of the stage runs (auto: the parent's)")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: str) -> str:
+        try:
+            seeds = [int(s) for s in v.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"seeds {v!r} must be comma-separated non-negative integers") from None
+        if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds {v!r} must be distinct non-negative integers")
+        return ",".join(str(s) for s in seeds)
+
+    @field_validator("arms")
+    @classmethod
+    def _arms(cls, v: str) -> str:
+        names = [a.strip() for a in v.split(",") if a.strip()]
+        if names == ["all"]:
+            return "all"
+        unknown = [a for a in names if a not in ARMS]
+        if unknown or not names:
+            raise ValueError(f"unknown arm(s) {unknown}; choose from all, {', '.join(ARMS)}")
+        return ",".join(names)
+
+    @field_validator("teacher_model", "student_model")
+    @classmethod
+    def _known_model(cls, v: str | None) -> str | None:
+        return None if v is None else models.check_name(v)
+
+    @field_validator("force")
+    @classmethod
+    def _force(cls, v: str) -> str:
+        names = {a.strip() for a in v.split(",") if a.strip()}
+        unknown = names - {"all", "experts", "distill", "teacher", "kd"}
+        if unknown:
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; use all, or some of experts, distill, teacher, kd")
+        return ",".join(sorted(names))
+
+    @field_validator("env_manager")
+    @classmethod
+    def _env_manager(cls, v: str) -> str:
+        if v not in ("auto", "local", "virtualenv", "uv", "conda"):
+            raise ValueError(f"env_manager {v!r} must be auto, local, virtualenv, uv or conda")
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, v: str) -> str:
+        parse_overrides(v)
+        return v
+
+    @property
+    def override_map(self) -> dict[str, dict[str, str]]:
+        return parse_overrides(self.overrides)
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [int(s) for s in self.seeds.split(",")]
+
+    @property
+    def arm_list(self) -> list[str]:
+        return list(ARMS) if self.arms == "all" else self.arms.split(",")
+
+
+def parse_overrides(text: str) -> dict[str, dict[str, str]]:
+    """``stage.param=value`` or ``arm.param=value`` pairs, comma-separated, checked against the stage configs."""
+    from pydantic import TypeAdapter
+
+    stage_of = {"experts": ExpertsConfig, "distill": DistillConfig, "teacher": TeacherConfig, "kd": KDConfig}
+    arm_stage = {"teacher-full": "teacher", "student-full": "teacher", "convnet-synthetic": "teacher",
+                 "student-synthetic": "teacher", "student-subset": "teacher", "teacher-synthetic": "teacher",
+                 "kd-full": "kd", "kd-subset": "kd", "proposal": "kd", "kd-full-teacher-synthetic": "kd"}
+    out: dict[str, dict[str, str]] = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        target, _, rest = item.partition(".")
+        name, eq, value = rest.partition("=")
+        stage = target if target in stage_of else arm_stage.get(target)
+        if not eq or stage is None:
+            raise ValueError(f"override {item!r} must be STAGE.PARAM=VALUE or ARM.PARAM=VALUE "
+                             f"(stages: {', '.join(stage_of)}; arms: {', '.join(arm_stage)})")
+        fields = stage_of[stage].model_fields
+        if name not in fields or name in {"dataset", "seed", "budget"}:
+            raise ValueError(f"override {item!r}: {stage} has no parameter {name!r} that the pipeline lets you set")
+        try:
+            TypeAdapter(fields[name].annotation).validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(f"override {item!r}: {exc.errors()[0]['msg']}") from None
+        out.setdefault(target, {})[name] = value
+    return out

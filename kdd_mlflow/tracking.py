@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +34,19 @@ log = logging.getLogger(__name__)
 
 STAGE_TAG = "kdd.stage"
 ERROR_TAG = "kdd.error"
+CODE_TAG = "kdd.code_version"
 WEIGHTS_DIR = "weights"
+
+
+@functools.cache
+def code_version() -> str:
+    """A hash of the package's source files: runs are reused only when it matches (uncommitted edits count)."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 class ArtifactError(RuntimeError):
@@ -90,7 +104,7 @@ def stage_run(stage: str, config: BaseModel, run_name: str | None = None, nested
             raise ArtifactError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from None
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else (run_name or stage), nested=nested)
     try:
-        mlflow.set_tags({STAGE_TAG: stage, **(tags or {})})
+        mlflow.set_tags({STAGE_TAG: stage, CODE_TAG: code_version(), **(tags or {})})
         log_params(flat_params(config))
         mlflow.log_dict((resolved or config).model_dump(), "config.json")
         yield run

@@ -95,11 +95,13 @@ def run_teacher(asked: TeacherConfig) -> str:
     transfer, learned_lr, zca = real.train, None, None
     if asked.synthetic_run:
         transfer, learned_lr, zca = small_set_source(asked.synthetic_run, real)
-    cfg, filled = resolve_by_source(asked, budget, bool(asked.synthetic_run), config.QUICK_TEACHER,
-                                    config.PAPER_TEACHER, learned_lr)
+    elif asked.ipc:
+        transfer = real.random_subset(asked.ipc, torch.Generator().manual_seed(asked.seed + 1))
+    source = asked.source
+    cfg, filled = resolve_by_source(asked, budget, source != "real", config.QUICK_TEACHER, config.PAPER_TEACHER,
+                                    learned_lr)
     generator = seed_everything(cfg.seed)
     meta = real.info
-    source = "synthetic" if cfg.synthetic_run else "real"
     with tracking.stage_run("teacher", asked, run_name=f"teacher-{cfg.model}-{source}", resolved=cfg,
                             tags={"kdd.source": source}) as active:
         tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()}})

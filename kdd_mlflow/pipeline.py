@@ -1,0 +1,252 @@
+"""The combined pipeline: every stage as an MLflow child run of one parent, then the comparison.
+
+    experts -> distill --------------------------------> convnet-synthetic, student-synthetic
+                 |                                         teacher-synthetic --kd--> proposal
+    teacher-full (real) --kd--> kd-full, kd-subset, kd-full-teacher-synthetic
+    student-full, student-subset
+
+Each stage runs through ``mlflow.projects.run`` (the stage's MLproject entry point, with the parent's
+environment manager), so the pipeline hands work on only through run ids, exactly as a user running
+the stages one by one. A stage whose parameters (compared as strings) and code version match a FINISHED
+run is reused instead of re-run, unless ``force`` names it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
+
+from kdd_mlflow import config, data, metrics, report, tracking
+from kdd_mlflow.config import CombinedConfig, DistillConfig, ExpertsConfig, KDConfig, TeacherConfig
+from kdd_mlflow.runtime import pick_device
+
+log = logging.getLogger(__name__)
+
+STAGE_CONFIGS: dict[str, type[BaseModel]] = {
+    "experts": ExpertsConfig, "distill": DistillConfig, "teacher": TeacherConfig, "kd": KDConfig,
+}
+ARM_TAG = "kdd.arm"
+DEFAULT_MODELS = {"quick": ("convnet-w64", "convnet-w16"), "paper": ("resnet18", "convnet-w32")}
+# What each arm needs first (besides experts -> distill for the synthetic-set arms).
+NEEDS = {"kd-full": ["teacher-full"], "kd-subset": ["teacher-full"], "proposal": ["teacher-synthetic"],
+         "kd-full-teacher-synthetic": ["teacher-full"]}
+SYNTHETIC_ARMS = {"convnet-synthetic", "student-synthetic", "teacher-synthetic", "proposal",
+                  "kd-full-teacher-synthetic"}
+
+
+def project_dir() -> Path:
+    """The directory holding the MLproject file the stages run from."""
+    for candidate in (os.environ.get("KDD_PROJECT_DIR"), Path(__file__).resolve().parents[1], Path.cwd()):
+        if candidate and (Path(candidate) / "MLproject").is_file():
+            return Path(candidate)
+    raise FileNotFoundError("the combined pipeline runs its stages from the project directory (MLproject); "
+                            "run it from a checkout or set KDD_PROJECT_DIR")
+
+
+def full_params(stage: str, params: dict[str, object]) -> dict[str, str]:
+    """Every parameter of the stage's entry point as a string, defaults filled in (control fields left out)."""
+    out = {}
+    for name, f in STAGE_CONFIGS[stage].model_fields.items():
+        if name in tracking.CONTROL_FIELDS:
+            continue
+        value = params.get(name, None if f.is_required() else f.default)
+        out[name] = "" if value is None else str(value)
+    return out
+
+
+def find_finished(stage: str, params: dict[str, str], experiment_id: str) -> str | None:
+    """The newest FINISHED run of ``stage`` with these parameters and this code version."""
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(f"tags.`{tracking.STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED' "
+                       f"and tags.`{tracking.CODE_TAG}` = '{tracking.code_version()}'"),
+        order_by=["attributes.start_time DESC"], max_results=200,
+    )
+    for run in runs:
+        logged = run.data.params
+        if all(k in logged and tracking._same(logged[k], v) for k, v in params.items()):
+            return run.info.run_id
+    return None
+
+
+@dataclass
+class Runner:
+    """Runs (or reuses) stage runs as children of the active parent run."""
+
+    experiment_id: str
+    env_manager: str
+    force: set[str]
+    overrides: dict[str, dict[str, str]] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+    started: list[str] = field(default_factory=list)
+
+    def __call__(self, stage: str, params: dict[str, object], name: str, arm: str | None = None) -> str:
+        params = {**params, **self.overrides.get(stage, {}), **self.overrides.get(arm or stage, {})}
+        full = full_params(stage, params)
+        if not ({"all", stage} & self.force):
+            found = find_finished(stage, full, self.experiment_id)
+            if found:
+                log.info("%s: reusing finished run %s", name, found)
+                self.reused.append(found)
+                return found
+        log.info("%s: starting stage %s", name, stage)
+        try:
+            submitted = mlflow.projects.run(
+                str(project_dir()), entry_point=stage, parameters=full, experiment_id=self.experiment_id,
+                env_manager=self.env_manager, run_name=name, synchronous=True,
+            )
+        except mlflow.projects.ExecutionException as exc:
+            raise RuntimeError(f"stage {name} failed: {failure_reason(exc)}") from None
+        run_id = submitted.run_id
+        if arm:
+            MlflowClient().set_tag(run_id, ARM_TAG, arm)
+        self.started.append(run_id)
+        return run_id
+
+
+def failure_reason(exc: Exception) -> str:
+    """The failed child's recorded reason, when it recorded one."""
+    text = str(exc)
+    runs = mlflow.search_runs(filter_string="attributes.status = 'FAILED'", order_by=["attributes.start_time DESC"],
+                              max_results=1, output_format="list")
+    if runs and tracking.ERROR_TAG in runs[0].data.tags:
+        return f"run {runs[0].info.run_id}: {runs[0].data.tags[tracking.ERROR_TAG]}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def resolve_env_manager(requested: str) -> str:
+    """``auto``: whatever environment manager ran the parent (``mlflow run`` tags it), else local."""
+    if requested != "auto":
+        return requested
+    active = mlflow.active_run()
+    tag = mlflow.get_run(active.info.run_id).data.tags.get("mlflow.project.env") if active else None
+    return tag if tag in ("virtualenv", "uv", "conda") else "local"
+
+
+def selected_with_needs(arms: list[str]) -> list[str]:
+    """The arms to train, in dependency order: the requested ones, what they need, and the reference."""
+    wanted = {"teacher-full", *arms}
+    for arm in arms:
+        wanted.update(NEEDS.get(arm, []))
+    return [a for a in config.ARMS if a in wanted]
+
+
+def run(cfg: CombinedConfig) -> str:
+    """Run the whole comparison; return the parent run id."""
+    device = pick_device(cfg.device)
+    budget = config.pick_budget(cfg.budget, device.type)
+    data.resolve(cfg.dataset, cfg.data_dir)  # fail at once, before any run, when the data is missing
+    project_dir()
+    teacher_model, student_model = DEFAULT_MODELS[budget]
+    teacher_model, student_model = cfg.teacher_model or teacher_model, cfg.student_model or student_model
+    if cfg.env_manager in ("auto", "local"):  # stages run `python -m ...`: make it this interpreter
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    with tracking.stage_run("combined", cfg, run_name=f"combined-{cfg.dataset}-ipc{cfg.ipc}") as parent:
+        tracking.log_params({"budget.resolved": budget, "budget.teacher_model": teacher_model,
+                             "budget.student_model": student_model})
+        runner = Runner(parent.info.experiment_id, resolve_env_manager(cfg.env_manager),
+                        {f for f in cfg.force.split(",") if f}, cfg.override_map)
+        mlflow.set_tag("kdd.env_manager", runner.env_manager)
+        common = {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "device": cfg.device, "val_size": cfg.val_size,
+                  "train_limit": cfg.train_limit, "budget": budget}
+        kd_common = {**common, "student": student_model, "temperature": cfg.temperature, "alpha": cfg.alpha}
+        arms = selected_with_needs(cfg.arm_list)
+        started = time.perf_counter()
+
+        synthetic_run = eval_model = None
+        if SYNTHETIC_ARMS & set(arms):
+            seed0 = cfg.seed_list[0]
+            experts_run = runner("experts", {**common, "seed": seed0}, "experts")
+            synthetic_run = runner("distill", {**common, "seed": seed0, "experts_run": experts_run, "ipc": cfg.ipc},
+                                   "distill")
+            eval_model = distill_eval_model(synthetic_run)
+
+        runs: dict[str, dict[int, str]] = {arm: {} for arm in arms}
+        for seed in cfg.seed_list:
+            def stage(name, params, arm, s=seed):
+                runs[arm][s] = runner(name, {**params, "seed": s}, f"{arm}/seed{s}", arm)
+
+            for arm in arms:
+                if arm == "teacher-full":
+                    stage("teacher", {**common, "model": teacher_model}, arm)
+                elif arm == "student-full":
+                    stage("teacher", {**common, "model": student_model}, arm)
+                elif arm == "kd-full":
+                    stage("kd", {**kd_common, "teacher_run": runs["teacher-full"][seed]}, arm)
+                elif arm == "convnet-synthetic":
+                    stage("teacher", {**common, "model": eval_model, "synthetic_run": synthetic_run}, arm)
+                elif arm == "student-synthetic":
+                    stage("teacher", {**common, "model": student_model, "synthetic_run": synthetic_run}, arm)
+                elif arm == "student-subset":
+                    stage("teacher", {**common, "model": student_model, "ipc": cfg.ipc}, arm)
+                elif arm == "kd-subset":
+                    stage("kd", {**kd_common, "teacher_run": runs["teacher-full"][seed], "transfer": "subset",
+                                 "ipc": cfg.ipc}, arm)
+                elif arm == "teacher-synthetic":
+                    stage("teacher", {**common, "model": teacher_model, "synthetic_run": synthetic_run}, arm)
+                elif arm == "proposal":
+                    stage("kd", {**kd_common, "teacher_run": runs["teacher-synthetic"][seed],
+                                 "transfer": "synthetic", "synthetic_run": synthetic_run}, arm)
+                elif arm == "kd-full-teacher-synthetic":
+                    stage("kd", {**kd_common, "teacher_run": runs["teacher-full"][seed], "transfer": "synthetic",
+                                 "synthetic_run": synthetic_run}, arm)
+
+        mlflow.set_tags({"kdd.reused_runs": ",".join(runner.reused) or "-",
+                         "kdd.started_runs": ",".join(runner.started) or "-"})
+        if synthetic_run:
+            mlflow.set_tag("kdd.distill_run", synthetic_run)
+        rows = compare(cfg, runs, device)
+        mlflow.log_metric("pipeline_wall_s", time.perf_counter() - started)
+        report.log_comparison(rows, cfg)
+        return parent.info.run_id
+
+
+def distill_eval_model(distill_run: str) -> str:
+    return mlflow.artifacts.load_dict(f"runs:/{distill_run}/config.json")["eval_model"]
+
+
+def compare(cfg: CombinedConfig, runs: dict[str, dict[int, str]], device) -> list[dict]:
+    """One row per arm: accuracy (mean and std over seeds), fidelity to the full-data teacher, and costs."""
+    from kdd_mlflow.stages.evaluate import test_logits
+
+    real = data.load(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_limit)
+    labels = real.test.labels.to(device)
+    full_images = len(real.train)
+    client = MlflowClient()
+    reference = {s: test_logits(r, real, device)[0] for s, r in runs["teacher-full"].items()}
+    rows = []
+    wanted = ["teacher-full", *[a for a in cfg.arm_list if a != "teacher-full"]]
+    for arm in wanted:
+        per_seed = []
+        for seed, run_id in runs[arm].items():
+            logits, spec, params = test_logits(run_id, real, device)
+            run = client.get_run(run_id)
+            per_seed.append({
+                **metrics.classification(logits, labels), **metrics.fidelity(reference[seed], logits),
+                "parameters": params, "train_images": int(run.data.params.get("train_images", 0)),
+                "wall_s": (run.info.end_time - run.info.start_time) / 1000, "model": spec["model"],
+            })
+        accs = [r["acc"] for r in per_seed]
+        mean = sum(accs) / len(accs)
+        std = (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5
+        first = per_seed[0]
+
+        def avg(key, rows=per_seed):
+            return sum(r[key] for r in rows) / len(rows)
+
+        rows.append({
+            "arm": arm, "model": first["model"], "test_acc": mean, "test_acc_std": std,
+            "agreement": avg("agreement"), "kl": avg("kl"), "ece": avg("ece"), "nll": avg("nll"),
+            "parameters": first["parameters"], "train_images": first["train_images"],
+            "data_compression": full_images / max(first["train_images"], 1), "wall_s": avg("wall_s"),
+            "seeds": len(per_seed), "runs": ",".join(runs[arm].values()),
+        })
+    return rows

@@ -1,0 +1,79 @@
+import mlflow
+import pytest
+from click.testing import CliRunner
+
+from kdd_mlflow import cli, pipeline
+from kdd_mlflow.config import ARMS, CombinedConfig
+
+TINY = ",".join([
+    "experts.model=convnet-w8-d2", "experts.num_experts=1", "experts.epochs=3",
+    "distill.iterations=2", "distill.syn_steps=2", "distill.expert_epochs=1", "distill.max_start_epoch=2",
+    "distill.eval_every=2", "distill.num_eval=1", "distill.eval_epochs=5",
+    "teacher.epochs=2", "kd.epochs=2",
+])
+
+
+def tiny(fake_fashion, **kw) -> CombinedConfig:
+    values = dict(dataset="fashion-mnist", data_dir=str(fake_fashion), val_size=100, budget="quick", ipc=2,
+                  teacher_model="convnet-w16", student_model="convnet-w8", overrides=TINY, env_manager="local")
+    return CombinedConfig(**{**values, **kw})
+
+
+def children(parent_id: str) -> list:
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+@pytest.mark.slow
+def test_combined_runs_every_arm_then_reuses_them(fake_fashion):
+    parent_id = pipeline.run(tiny(fake_fashion))
+    parent = mlflow.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    kids = children(parent_id)
+    assert len(kids) == 2 + len(ARMS)  # experts, distill, one run per arm
+    assert all(k.info.status == "FINISHED" for k in kids)
+    assert {k.data.tags.get("kdd.arm") for k in kids} == set(ARMS) | {None}
+    assert {k.data.tags["kdd.stage"] for k in kids} == {"experts", "distill", "teacher", "kd"}
+    for arm in ARMS:
+        assert 0 <= parent.data.metrics[f"test_acc/{arm}"] <= 1
+        assert f"agreement/{arm}" in parent.data.metrics and f"kl/{arm}" in parent.data.metrics
+    assert parent.data.metrics["agreement/teacher-full"] == 1.0
+    table = mlflow.load_table("report/comparison.json", run_ids=[parent_id])
+    assert list(table["arm"]) == list(ARMS)
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(parent_id, "report")}
+    assert {"report/comparison.csv", "report/comparison.md", "report/accuracy.html", "report/compression.html",
+            "report/fidelity.html"} <= names
+    proposal = table[table["arm"] == "proposal"].iloc[0]
+    assert proposal["train_images"] == 20 and proposal["data_compression"] == pytest.approx(1100 / 20)
+
+    again = pipeline.run(tiny(fake_fashion))
+    assert children(again) == []  # nothing re-run: every stage was reused
+    reused = set(mlflow.get_run(again).data.tags["kdd.reused_runs"].split(","))
+    assert reused == {k.info.run_id for k in kids}
+
+    forced = pipeline.run(tiny(fake_fashion, arms="student-full", force="teacher"))
+    assert sorted(k.data.tags["kdd.arm"] for k in children(forced)) == ["student-full", "teacher-full"]
+
+
+def test_bad_combined_input_fails_before_any_run(fake_fashion):
+    for args, reason in [
+        (["--arms", "proposal,nope"], "unknown arm(s) ['nope']"),
+        (["--seeds", "0,0"], "distinct"),
+        (["--overrides", "distill.nope=3"], "distill has no parameter 'nope'"),
+        (["--overrides", "distill.iterations=abc"], "distill.iterations=abc"),
+        (["--force", "everything"], "unknown stage(s) ['everything']"),
+    ]:
+        result = CliRunner().invoke(cli.main, ["combined", *args])
+        assert result.exit_code == 2 and reason in result.stderr, result.stderr
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_combined_without_data_fails_at_once(tmp_path):
+    result = CliRunner().invoke(cli.main, ["combined"])  # default dataset mnist, no copy, no network
+    assert result.exit_code == 1 and "dataset 'mnist' is not available" in result.stderr
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_arm_dependencies_are_added():
+    assert pipeline.selected_with_needs(["proposal"]) == ["teacher-full", "teacher-synthetic", "proposal"]
+    assert pipeline.selected_with_needs(["student-subset"]) == ["teacher-full", "student-subset"]
