@@ -10,6 +10,11 @@ dev=0
 
 apt_packages=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_packages+=(dataset-fashion-mnist)
+# The UI test drives Debian's Chromium through its chromedriver.
+if [ $dev = 1 ]; then
+    command -v chromium >/dev/null || apt_packages+=(chromium)
+    command -v chromedriver >/dev/null || apt_packages+=(chromium-driver)
+fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ${#apt_packages[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${apt_packages[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_packages[@]}" >/dev/null

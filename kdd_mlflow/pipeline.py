@@ -34,7 +34,8 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {
     "experts": ExpertsConfig, "distill": DistillConfig, "teacher": TeacherConfig, "kd": KDConfig,
 }
 ARM_TAG = "kdd.arm"
-DEFAULT_MODELS = {"quick": ("convnet-w64", "convnet-w16"), "paper": ("resnet18", "convnet-w32")}
+DEFAULT_MODELS = {"quick": (config.QUICK_TEACHER["real"]["model"], config.QUICK_KD["real"]["student"]),
+                  "paper": (config.PAPER_TEACHER["real"]["model"], config.PAPER_KD["real"]["student"])}
 # What each arm needs first (besides experts -> distill for the synthetic-set arms).
 NEEDS = {"kd-full": ["teacher-full"], "kd-subset": ["teacher-full"], "proposal": ["teacher-synthetic"],
          "kd-full-teacher-synthetic": ["teacher-full"]}
