@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import importlib
 import logging
 import sys
 from collections.abc import Callable
@@ -64,28 +64,25 @@ def build_config(command: str, config_cls: type[BaseModel], values: dict[str, st
         raise AssertionError("unreachable") from None
 
 
-def stage_command(group: click.Group, name: str, config_cls: type[BaseModel]):
-    """Register ``kdd NAME`` running a stage function that takes the validated config."""
+def add_stage(group: click.Group, name: str, config_cls: type[BaseModel], target: str, help: str) -> None:
+    """Register ``kdd NAME``: options from ``config_cls``; ``target`` ("module:function") runs the stage.
 
+    The stage's module is imported only when the command runs, so ``kdd --help`` and bad input stay fast.
+    """
     STAGES[name] = config_cls
 
-    def decorate(stage: Callable[[BaseModel], str]):
-        @group.command(name, help=stage.__doc__)
-        @config_options(config_cls)
-        @functools.wraps(stage)
-        def command(**values: str | None) -> None:
-            cfg = build_config(name, config_cls, values)
-            try:
-                run_id = stage(cfg)
-            except DataUnavailableError as exc:
-                fail(name, str(exc), EXIT_FAILED)
-            except (ValueError, RuntimeError, FileNotFoundError, ArithmeticError) as exc:
-                fail(name, str(exc).splitlines()[0], EXIT_FAILED)
-            click.echo(f"run_id: {run_id}")
-
-        return command
-
-    return decorate
+    @group.command(name, help=help)
+    @config_options(config_cls)
+    def command(**values: str | None) -> None:
+        cfg = build_config(name, config_cls, values)
+        module, function = target.split(":")
+        try:
+            run_id = getattr(importlib.import_module(module), function)(cfg)
+        except DataUnavailableError as exc:
+            fail(name, str(exc), EXIT_FAILED)
+        except (ValueError, RuntimeError, FileNotFoundError, ArithmeticError) as exc:
+            fail(name, str(exc).splitlines()[0], EXIT_FAILED)
+        click.echo(f"run_id: {run_id}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -105,69 +102,27 @@ def main(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@stage_command(main, "train", TrainConfig)
-def train(cfg: TrainConfig) -> str:
-    """Train one model on real data (teachers and baselines); logs per-epoch metrics and the model."""
-    from kdd_mlflow.stages import train as stage
-
-    return stage.run(cfg)
-
-
-@stage_command(main, "experts", ExpertsConfig)
-def experts(cfg: ExpertsConfig) -> str:
-    """Train expert networks and log their trajectories (parameters at init and after every epoch).
-
-    Shard with --shard i/n or a:b; continue a run's missing experts with --run-id.
-    """
-    from kdd_mlflow.stages import experts as stage
-
-    return stage.run(cfg)
-
-
-@stage_command(main, "distill", DistillConfig)
-def distill(cfg: DistillConfig) -> str:
-    """Distil a synthetic set from experts run(s) by matching training trajectories (MTT)."""
-    from kdd_mlflow.stages import distill as stage
-
-    return stage.run(cfg)
-
-
-@stage_command(main, "teacher", TeacherConfig)
-def teacher(cfg: TeacherConfig) -> str:
-    """Train the bigger (teacher) model on real data or on a distill run's synthetic set."""
-    from kdd_mlflow.stages import train as stage
-
-    return stage.run_teacher(cfg)
-
-
-@stage_command(main, "kd", KDConfig)
-def kd(cfg: KDConfig) -> str:
-    """Distil a teacher run into a small student on real data, a synthetic set or a random subset.
-
-    Losses: hinton = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE; mse = alpha * logit MSE +
-    (1 - alpha) * CE; hint = hinton + beta * FitNets feature hint. alpha weighs the distillation term.
-    """
-    from kdd_mlflow.stages import kd as stage
-
-    return stage.run(cfg)
-
-
-@stage_command(main, "evaluate", EvaluateConfig)
-def evaluate(cfg: EvaluateConfig) -> str:
-    """Every test metric of several model runs side by side, with fidelity to a reference teacher."""
-    from kdd_mlflow.stages import evaluate as stage
-
-    return stage.run(cfg)
-
-
-@stage_command(main, "combined", CombinedConfig)
-def combined(cfg: CombinedConfig) -> str:
-    """The whole study: experts, distill and every comparison arm as child runs of one parent, then the
-    comparison report (table and figures) on the parent. Finished stages with the same parameters and
-    code version are reused (--force all, or stage names, re-runs them)."""
-    from kdd_mlflow import pipeline
-
-    return pipeline.run(cfg)
+add_stage(main, "train", TrainConfig, "kdd_mlflow.stages.train:run",
+          "Train one model on real data (teachers and baselines); logs per-epoch metrics and the model.")
+add_stage(main, "experts", ExpertsConfig, "kdd_mlflow.stages.experts:run",
+          "Train expert networks and log their trajectories (parameters at init and after every epoch). "
+          "Shard with --shard i/n or a:b; continue a run's missing experts with --run-id.")
+add_stage(main, "distill", DistillConfig, "kdd_mlflow.stages.distill:run",
+          "Distil a synthetic set from experts run(s) by matching training trajectories (MTT).")
+add_stage(main, "teacher", TeacherConfig, "kdd_mlflow.stages.train:run_teacher",
+          "Train the bigger (teacher) model on real data, on a distill run's synthetic set, or on a random "
+          "real subset.")
+add_stage(main, "kd", KDConfig, "kdd_mlflow.stages.kd:run",
+          "Distil a teacher run into a small student on real data, a synthetic set or a random subset. "
+          "Losses: hinton = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE; mse = alpha * logit "
+          "MSE + (1 - alpha) * CE; hint = hinton + beta * FitNets feature hint. alpha weighs the distillation "
+          "term.")
+add_stage(main, "evaluate", EvaluateConfig, "kdd_mlflow.stages.evaluate:run",
+          "Every test metric of several model runs side by side, with fidelity to a reference teacher.")
+add_stage(main, "combined", CombinedConfig, "kdd_mlflow.pipeline:run",
+          "The whole study: experts, distill and every comparison arm as child runs of one parent, then the "
+          "comparison report (table and figures) on the parent. Finished stages with the same parameters and "
+          "code version are reused (--force all, or stage names, re-runs them).")
 
 
 if __name__ == "__main__":
