@@ -73,7 +73,7 @@ def find_finished(stage: str, params: dict[str, str], experiment_id: str) -> str
     )
     for run in runs:
         logged = run.data.params
-        if all(k in logged and tracking._same(logged[k], v) for k, v in params.items()):
+        if all(k in logged and tracking.same_value(logged[k], v) for k, v in params.items()):
             return run.info.run_id
     return None
 

@@ -63,7 +63,8 @@ def flat_params(config: BaseModel) -> dict[str, str]:
     return {k: "" if v is None else str(v) for k, v in config.model_dump().items() if k not in CONTROL_FIELDS}
 
 
-def _same(logged: str, value: str) -> bool:
+def same_value(logged: str, value: str) -> bool:
+    """Whether a param already on a run (as `mlflow run` logged it) is this string value."""
     # `mlflow run` logs parameters shell-quoted ("''" for an empty string) and as typed ("0.010").
     if logged in (value, shlex.quote(value)):
         return True
@@ -82,7 +83,7 @@ def log_params(params: dict[str, object]) -> None:
         value = "" if value is None else str(value)
         if key not in logged:
             new[key] = value
-        elif not _same(logged[key], value):
+        elif not same_value(logged[key], value):
             raise ValueError(f"run {run.info.run_id} has {key}={logged[key]!r}; this call has {value!r}")
     if new:
         mlflow.log_params(new)
