@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
@@ -19,12 +20,18 @@ from kdd_mlflow.config import (
     KDConfig,
     TeacherConfig,
     TrainConfig,
+    TuneConfig,
     one_line,
 )
 from kdd_mlflow.data import DataUnavailableError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
 
 # Stage name -> config model; the MLproject file is rendered from this (kdd_mlflow.mlproject).
 STAGES: dict[str, type[BaseModel]] = {}
@@ -32,7 +39,7 @@ STAGES: dict[str, type[BaseModel]] = {}
 
 def fail(command: str, reason: str, code: int) -> None:
     """Print a one-line (or one-paragraph) reason, record it on an ``mlflow run`` run, and exit."""
-    click.echo(f"kdd {command}: error: {reason}", err=True)
+    click.echo(f"{' '.join(['kdd', command]).strip()}: error: {reason}", err=True)
     tracking.mark_failed(reason)
     sys.exit(code)
 
@@ -82,10 +89,29 @@ def add_stage(group: click.Group, name: str, config_cls: type[BaseModel], target
             fail(name, str(exc), EXIT_FAILED)
         except (ValueError, RuntimeError, FileNotFoundError, ArithmeticError) as exc:
             fail(name, str(exc).splitlines()[0], EXIT_FAILED)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run is already marked KILLED; checkpoints stay
+            click.echo(f"kdd {name}: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         click.echo(f"run_id: {run_id}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class OneLineErrors(click.Group):
+    """Usage errors (an unknown option, a missing value) as one line and exit 2, like every other bad input."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            command = exc.ctx.info_name if exc.ctx is not None and exc.ctx.parent is not None else ""
+            fail(command, f"{exc.format_message().rstrip('.')} (see --help)", EXIT_BAD_INPUT)
+        except click.Abort:
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="kdd")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def main(verbose: bool) -> None:
@@ -94,6 +120,7 @@ def main(verbose: bool) -> None:
     Each command is one stage and one MLflow run; stages hand work on through run ids.
     MLFLOW_TRACKING_URI is respected; otherwise MLflow's local SQLite store is used.
     """
+    signal.signal(signal.SIGTERM, _terminated)  # a cancelled stage ends its run KILLED, as Ctrl-C does
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -123,6 +150,10 @@ add_stage(main, "combined", CombinedConfig, "kdd_mlflow.pipeline:run",
           "The whole study: experts, distill and every comparison arm as child runs of one parent, then the "
           "comparison report (table and figures) on the parent. Finished stages with the same parameters and "
           "code version are reused (--force all, or stage names, re-runs them).")
+add_stage(main, "tune", TuneConfig, "kdd_mlflow.tune:run",
+          "An Optuna study over the proposal arm: the synthetic step size (lr_teacher, lr_lr), images per class "
+          "and the KD temperature (alpha optional). Each search option takes LOW:HIGH, A,B,C or one value. "
+          "Workers with the same --study-name and --storage share the study; --n-trials counts all of them.")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdd_mlflow import data, models
 
@@ -454,3 +454,145 @@ def parse_overrides(text: str) -> dict[str, dict[str, str]]:
             raise ValueError(f"override {item!r}: {exc.errors()[0]['msg']}") from None
         out.setdefault(target, {})[name] = value
     return out
+
+
+# What ``tune`` can search: name -> (stage it sets, whole numbers?, log scale for ranges?, allowed values).
+TUNABLE = {
+    "lr_teacher": ("distill", False, True, "> 0"),
+    "lr_lr": ("distill", False, True, "> 0"),
+    "ipc": ("distill", True, True, ">= 1"),
+    "temperature": ("kd", False, True, "> 0"),
+    "alpha": ("kd", False, False, "in [0, 1]"),
+}
+_ALLOWED = {"> 0": lambda v: v > 0, ">= 1": lambda v: v >= 1, "in [0, 1]": lambda v: 0 <= v <= 1}
+
+
+class Dimension(BaseModel):
+    """One search-space entry: a fixed value, a range LOW:HIGH, or a list of choices A,B,C."""
+
+    name: str
+    kind: Literal["fixed", "range", "choice"]
+    values: tuple[float, ...]
+
+    @property
+    def integer(self) -> bool:
+        return TUNABLE[self.name][1]
+
+    @property
+    def log(self) -> bool:
+        return TUNABLE[self.name][2]
+
+    @property
+    def stage(self) -> str:
+        return TUNABLE[self.name][0]
+
+    def cast(self, v: float) -> float | int:
+        return int(v) if self.integer else v
+
+
+def parse_dimension(name: str, text: str) -> Dimension:
+    """``LOW:HIGH`` (a range, log-scaled for learning rates, ipc and temperature), ``A,B,C`` or ``V``."""
+    if name not in TUNABLE:
+        raise ValueError(f"unknown search parameter {name!r}; choose from {', '.join(TUNABLE)}")
+    _, integer, _, allowed = TUNABLE[name]
+    text = text.strip()
+    kind = "range" if ":" in text else "choice" if "," in text else "fixed"
+    parts = [p.strip() for p in text.replace(":", ",").split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{name}: {text!r} must be a number, LOW:HIGH or A,B,C") from None
+    if integer and any(v != int(v) for v in values):
+        raise ValueError(f"{name}: {text!r} must be whole numbers")
+    if kind == "range" and (len(values) != 2 or not values[0] < values[1]):
+        raise ValueError(f"{name}: range {text!r} must be LOW:HIGH with LOW < HIGH")
+    if kind == "choice" and len(set(values)) != len(values):
+        raise ValueError(f"{name}: choices {text!r} repeat a value")
+    if not all(_ALLOWED[allowed](v) for v in values):  # NaN fails every comparison, inf is caught below
+        raise ValueError(f"{name}: {text!r} must be {allowed}")
+    if any(abs(v) == float("inf") for v in values):
+        raise ValueError(f"{name}: {text!r} must be finite")
+    return Dimension(name=name, kind=kind, values=values)
+
+
+class TuneConfig(CommonConfig):
+    """An Optuna study over the proposal arm (experts -> distill -> teacher on the synthetic set -> KD)."""
+
+    dataset: str = Field("mnist", description="mnist, fashion-mnist, cifar10 or cifar100")
+    budget: Budget = Field("auto", description="quick (CPU minutes), paper (published settings), auto (by device)")
+    study_name: str | None = Field(None, description="study name (default kdd-DATASET-BUDGET); workers sharing it "
+                                                     "and the storage cooperate")
+    storage: str = Field("sqlite:///optuna.db", description="Optuna storage: an RDB URL (sqlite:///FILE, "
+                                                            "postgresql://...) or a journal file (FILE.log)")
+    load_if_exists: bool = Field(True, description="join the study if it exists (false: refuse)")
+    n_trials: int | None = Field(None, ge=1, description="trials in the whole study, over every worker")
+    timeout: float | None = Field(None, gt=0, description="seconds after which this worker starts no new trial")
+    sampler: Literal["tpe", "random", "nsgaii"] = Field("tpe", description="sampler (seeded by --seed)")
+    pruner: Literal["median", "hyperband", "none"] = Field("median", description="pruner of poor trials")
+    prune_startup: int = Field(2, ge=0, description="trials finished before the median pruner prunes")
+    direction: Literal["maximize", "minimize"] = Field("maximize", description="direction of validation accuracy")
+    multi_objective: bool = Field(False, description="also minimise images per class (a Pareto front)")
+    seed: int = Field(0, ge=0, description="seed of the sampler and of every stage run")
+    lr_teacher: str = Field("1e-3:1e-1", description="initial synthetic step size: LOW:HIGH (log), A,B,C or V")
+    lr_lr: str = Field("1e-6:1e-4", description="learning rate of the step size: LOW:HIGH (log), A,B,C or V")
+    ipc: str = Field("1,10", description="images per class: A,B,C, LOW:HIGH (log, whole numbers) or V")
+    temperature: str = Field("1:20", description="KD temperature: LOW:HIGH (log), A,B,C or V")
+    alpha: str = Field("0.5", description="KD weight of the distillation term: V, A,B,C or LOW:HIGH")
+    teacher_model: str | None = Field(None, description="teacher architecture (default: the budget's)")
+    student_model: str | None = Field(None, description="student architecture (default: the budget's)")
+    overrides: str = Field("", description="stage parameters for every trial, e.g. distill.iterations=50")
+    heartbeat: int = Field(60, ge=1, description="seconds between trial heartbeats (RDB storage); a trial silent "
+                                                 "for 2x this is failed and retried by another worker")
+    env_manager: str = Field("auto", description="environment manager of the stage runs (auto: the parent's)")
+
+    @field_validator("lr_teacher", "lr_lr", "ipc", "temperature", "alpha")
+    @classmethod
+    def _dimension(cls, v: str, info) -> str:
+        try:
+            parse_dimension(info.field_name, v)
+        except ValueError as exc:
+            raise ValueError(str(exc).removeprefix(f"{info.field_name}: ")) from None
+        return v
+
+    @field_validator("teacher_model", "student_model")
+    @classmethod
+    def _known_model(cls, v: str | None) -> str | None:
+        return None if v is None else models.check_name(v)
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, v: str) -> str:
+        parsed = parse_overrides(v)
+        tuned = {f"{d[0]}.{n}" for n, d in TUNABLE.items()}
+        clash = sorted(f"{stage}.{name}" for stage, values in parsed.items() for name in values
+                       if f"{stage}.{name}" in tuned)
+        if clash:
+            raise ValueError(f"{', '.join(clash)} is a search parameter; set it with its own option")
+        return v
+
+    @field_validator("env_manager")
+    @classmethod
+    def _env_manager(cls, v: str) -> str:
+        return CombinedConfig._env_manager(v)
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        if "://" not in v and not v.endswith(".log"):
+            raise ValueError(f"storage {v!r} must be an RDB URL (sqlite:///FILE, postgresql://...) or a FILE.log "
+                             "journal")
+        return v
+
+    @model_validator(mode="after")
+    def _stops(self) -> TuneConfig:
+        if self.n_trials is None and self.timeout is None:
+            raise ValueError("give --n-trials and/or --timeout; a study without either never ends")
+        return self
+
+    @property
+    def space(self) -> list[Dimension]:
+        return [parse_dimension(n, getattr(self, n)) for n in TUNABLE]
+
+    @property
+    def override_map(self) -> dict[str, dict[str, str]]:
+        return parse_overrides(self.overrides)

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {
     "experts": ExpertsConfig, "distill": DistillConfig, "teacher": TeacherConfig, "kd": KDConfig,
 }
 ARM_TAG = "kdd.arm"
+Watch = Callable[[str], None]
 DEFAULT_MODELS = {"quick": (config.QUICK_TEACHER["real"]["model"], config.QUICK_KD["real"]["student"]),
                   "paper": (config.PAPER_TEACHER["real"]["model"], config.PAPER_KD["real"]["student"])}
 # What each arm needs first (besides experts -> distill for the synthetic-set arms).
@@ -88,8 +90,15 @@ class Runner:
     overrides: dict[str, dict[str, str]] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
+    poll_s: float = 2.0
 
-    def __call__(self, stage: str, params: dict[str, object], name: str, arm: str | None = None) -> str:
+    def __call__(self, stage: str, params: dict[str, object], name: str, arm: str | None = None,
+                 watch: Watch | None = None) -> str:
+        """The run id of a FINISHED ``stage`` run with these parameters: found, or started and waited for.
+
+        ``watch(run_id)`` is called every ``poll_s`` while a started stage runs and once when it ends (or
+        once for a reused run); if it raises, a running stage is cancelled and the exception propagates.
+        """
         params = {**params, **self.overrides.get(stage, {}), **self.overrides.get(arm or stage, {})}
         full = full_params(stage, params)
         if not ({"all", stage} & self.force):
@@ -97,20 +106,46 @@ class Runner:
             if found:
                 log.info("%s: reusing finished run %s", name, found)
                 self.reused.append(found)
+                if watch:
+                    watch(found)
                 return found
         log.info("%s: starting stage %s", name, stage)
         try:
             submitted = mlflow.projects.run(
                 str(project_dir()), entry_point=stage, parameters=full, experiment_id=self.experiment_id,
-                env_manager=self.env_manager, run_name=name, synchronous=True,
+                env_manager=self.env_manager, run_name=name, synchronous=watch is None,
             )
+            if watch is not None:
+                wait_watching(submitted, watch, self.poll_s)
         except mlflow.projects.ExecutionException as exc:
-            raise RuntimeError(f"stage {name} failed: {failure_reason(exc)}") from None
+            raise StageFailed(f"stage {name} failed: {failure_reason(exc)}") from None
         run_id = submitted.run_id
         if arm:
             MlflowClient().set_tag(run_id, ARM_TAG, arm)
         self.started.append(run_id)
         return run_id
+
+
+class StageFailed(RuntimeError):
+    """A stage's run ended FAILED (its reason is in the message)."""
+
+
+def wait_watching(submitted, watch: Watch, poll_s: float) -> None:
+    """Wait for an asynchronous ``mlflow.projects`` run, calling ``watch`` while it runs; cancel it if
+    ``watch`` raises (a pruned trial) or this process is interrupted."""
+    try:
+        while submitted.get_status() in ("RUNNING", "SCHEDULED"):
+            watch(submitted.run_id)
+            time.sleep(poll_s)
+        watch(submitted.run_id)
+    except BaseException:
+        submitted.cancel()
+        # A stage stopped before it could record it (SIGTERM during start-up) would otherwise stay RUNNING.
+        if MlflowClient().get_run(submitted.run_id).info.status == "RUNNING":
+            MlflowClient().set_terminated(submitted.run_id, "KILLED")
+        raise
+    if not submitted.wait():
+        raise mlflow.projects.ExecutionException(f"run {submitted.run_id} ended {submitted.get_status()}")
 
 
 def failure_reason(exc: Exception) -> str:
@@ -121,6 +156,12 @@ def failure_reason(exc: Exception) -> str:
     if runs and tracking.ERROR_TAG in runs[0].data.tags:
         return f"run {runs[0].info.run_id}: {runs[0].data.tags[tracking.ERROR_TAG]}"
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def use_this_interpreter(env_manager: str) -> None:
+    """With the local environment manager, stages run ``python -m ...``: make that this interpreter."""
+    if env_manager in ("auto", "local"):
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def resolve_env_manager(requested: str) -> str:
@@ -148,8 +189,7 @@ def run(cfg: CombinedConfig) -> str:
     project_dir()
     teacher_model, student_model = DEFAULT_MODELS[budget]
     teacher_model, student_model = cfg.teacher_model or teacher_model, cfg.student_model or student_model
-    if cfg.env_manager in ("auto", "local"):  # stages run `python -m ...`: make it this interpreter
-        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    use_this_interpreter(cfg.env_manager)
     with tracking.stage_run("combined", cfg, run_name=f"combined-{cfg.dataset}-ipc{cfg.ipc}") as parent:
         tracking.log_params({"budget.resolved": budget, "budget.teacher_model": teacher_model,
                              "budget.student_model": student_model})

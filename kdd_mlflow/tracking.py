@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import tempfile
 from collections.abc import Iterator
@@ -59,8 +60,16 @@ CONTROL_FIELDS = {"run_id", "resume"}
 
 
 def flat_params(config: BaseModel) -> dict[str, str]:
-    """The config as MLflow params (strings; None becomes an empty string)."""
-    return {k: "" if v is None else str(v) for k, v in config.model_dump().items() if k not in CONTROL_FIELDS}
+    """The config as MLflow params (strings; None becomes an empty string; URL passwords masked)."""
+    return {k: "" if v is None else redact(str(v)) for k, v in config.model_dump().items() if k not in CONTROL_FIELDS}
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s]+:)[^@\s]+@")
+
+
+def redact(text: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://user:***@host``, anywhere in ``text``."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['head']}***@", text)
 
 
 def same_value(logged: str, value: str) -> bool:
