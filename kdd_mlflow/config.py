@@ -298,7 +298,8 @@ class KDConfig(SGDStageConfig):
     hint_student_layer: str | None = Field(None, description="student layer for the hint (default: its last block)")
     hint_teacher_layer: str | None = Field(None, description="teacher layer for the hint (default: its last block)")
     augment: Literal["none", "dsa", "mixup"] | None = Field(
-        None, description="transfer-set augmentation, labelled online by the teacher (real: none; small sets: dsa)")
+        None, description="transfer-set augmentation, labelled online by the teacher (real: none; small sets: "
+                     "quick mixup, paper dsa)")
     init_from_teacher: bool = Field(
         False, description="start the student from the teacher's weights where shapes match")
 
@@ -332,7 +333,7 @@ QUICK_TEACHER = {"real": dict(model="convnet-w32", epochs=3, lr=0.05, schedule="
 PAPER_TEACHER = {"real": dict(model="resnet18", epochs=100, lr=0.05, schedule="cosine", augment="dsa"),
                  "small": dict(model="resnet18", epochs=1000, lr=0.01, schedule="step", augment="dsa")}
 QUICK_KD = {"real": dict(student="convnet-w16", epochs=3, lr=0.05, schedule="cosine", augment="none"),
-            "small": dict(student="convnet-w16", epochs=200, lr=0.01, schedule="step", augment="dsa")}
+            "small": dict(student="convnet-w16", epochs=200, lr=0.01, schedule="step", augment="mixup")}
 PAPER_KD = {"real": dict(student="convnet-w32", epochs=100, lr=0.05, schedule="cosine", augment="dsa"),
             "small": dict(student="convnet-w32", epochs=1000, lr=0.01, schedule="step", augment="dsa")}
 
