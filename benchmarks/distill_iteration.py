@@ -1,6 +1,6 @@
 """Seconds per MTT distillation iteration and peak memory, as JSON.
 
-    python benchmarks/distill_iteration.py --model convnet --ipc 10 --syn-steps 20 --iterations 5
+    python benchmarks/distill_iteration.py --model convnet --ipc 10 --syn-steps 20 --iterations 5 --matching recompute
 
 Needs no dataset or experts: the expert segment is a fresh network's parameters and a perturbed copy,
 which costs the same as a real one. Peak memory is the process's peak RSS on the CPU (and its growth
@@ -20,7 +20,7 @@ import torch
 from kdd_mlflow import data, models
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.distill.experts import flat_parameters
-from kdd_mlflow.distill.mtt import FlatModel, SyntheticSet, Unroll, mtt_iteration
+from kdd_mlflow.distill.mtt import MODES, FlatModel, SyntheticSet, Unroll, mtt_iteration
 from kdd_mlflow.runtime import pick_device
 
 
@@ -37,7 +37,8 @@ def peak_rss_mib() -> float:
 @click.option("--iterations", default=5, show_default=True, help="timed iterations (after one warm-up)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--augment/--no-augment", default=True, show_default=True)
-def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment):
+@click.option("--matching", type=click.Choice(MODES), default="unrolled", show_default=True)
+def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment, matching):
     meta = data.info(dataset)
     dev = pick_device(device)
     torch.manual_seed(0)
@@ -54,20 +55,20 @@ def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment)
     aug = DSA() if augment else None
 
     baseline = peak_rss_mib()
-    mtt_iteration(syn, student, start, target, unroll, aug, gen)  # warm-up
+    mtt_iteration(syn, student, start, target, unroll, aug, gen, matching)  # warm-up
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(iterations):
         t0 = time.perf_counter()
-        mtt_iteration(syn, student, start, target, unroll, aug, gen)
+        mtt_iteration(syn, student, start, target, unroll, aug, gen, matching)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     result = {
         "dataset": dataset, "model": model, "ipc": ipc, "syn_steps": syn_steps, "batch_syn": batch_syn or n,
-        "augment": augment, "device": str(dev), "iterations": iterations,
+        "augment": augment, "matching": matching, "device": str(dev), "iterations": iterations,
         "seconds_per_iteration": sum(times) / len(times), "seconds_min": min(times),
         "peak_rss_mib": round(peak_rss_mib(), 1), "rss_growth_mib": round(peak_rss_mib() - baseline, 1),
         "parameters": student.num_params, "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -167,6 +167,9 @@ class DistillConfig(StageConfig):
     num_eval: int | None = Field(None, ge=1, description="fresh networks per evaluation (K)")
     eval_epochs: int | None = Field(None, ge=1, description="epochs each evaluation network trains on the set")
     eval_model: str | None = Field(None, description="evaluation architecture (default: the experts' model)")
+    matching: Literal["unrolled", "recompute", "first-order"] = Field(
+        "unrolled", description="gradient of the matching loss: unrolled (autograd through every step), "
+                                "recompute (the same, exactly, in one step's memory), first-order (TESLA)")
     checkpoint_every: int | None = Field(None, ge=1, description="checkpoint every this many iterations")
     resume: str | None = Field(None, description="distill run id to resume from its last checkpoint")
 

@@ -19,9 +19,11 @@ from kdd_mlflow.distill.mtt import (
     FlatModel,
     SyntheticSet,
     Unroll,
+    matching_gradients,
     matching_loss,
     minibatch_schedule,
     mtt_iteration,
+    plan_steps,
     student_endpoint,
 )
 from kdd_mlflow.train import SGDRecipe
@@ -139,3 +141,48 @@ def test_zca_inverse_recovers_images():
     torch.testing.assert_close(zca.inverse(zca(x)), x, rtol=1e-3, atol=1e-3)
     white = zca(x).flatten(1)
     assert white.std(0).max() < x.flatten(1).std(0).max()
+
+
+@pytest.mark.parametrize("augment", [None, DSA()], ids=["plain", "dsa"])
+def test_recompute_gives_the_unrolled_gradients(augment):
+    student, start, target, images, labels = tiny_problem(dtype=torch.float64)
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    x = images.clone().requires_grad_(True)
+    unroll = Unroll(syn_steps=6, batch_syn=4)
+    got = {mode: matching_gradients(mode, student, start, target, x, labels, lr, unroll, augment,
+                                    torch.Generator().manual_seed(3))
+           for mode in ("unrolled", "recompute", "first-order")}
+    (loss_u, (gx_u, ga_u)), (loss_r, (gx_r, ga_r)) = got["unrolled"], got["recompute"]
+    assert loss_r.item() == pytest.approx(loss_u.item(), rel=1e-12)
+    assert ((gx_r - gx_u).norm() / gx_u.norm()).item() < 1e-6
+    assert abs((ga_r - ga_u).item()) / abs(ga_u.item()) < 1e-6
+    _, (gx_f, _) = got["first-order"]
+    assert 1e-6 < ((gx_f - gx_u).norm() / gx_u.norm()).item() < 1  # an approximation, but a close one
+
+
+def test_augmentation_replay_is_exact():
+    dsa = DSA()
+    images = torch.randn(6, 3, 16, 16)
+    for seed in range(12):  # every group comes up
+        step = plan_steps(images, Unroll(syn_steps=1), dsa, torch.Generator().manual_seed(seed))[0]
+        once = dsa.apply(images[step.idx], step.draw)
+        torch.testing.assert_close(dsa.apply(images[step.idx], step.draw), once, rtol=0, atol=0)
+        # and the plan draws exactly what the augmentation draws when called directly
+        g = torch.Generator().manual_seed(seed)
+        idx = minibatch_schedule(6, Unroll(syn_steps=1), g)[0]
+        torch.testing.assert_close(dsa(images[idx], g), once, rtol=0, atol=0)
+
+
+def test_first_order_lowers_the_matching_loss():
+    student, start, target, images, labels = tiny_problem()
+    syn = SyntheticSet(images, labels, syn_lr=0.05, lr_img=10.0, lr_lr=1e-4)
+    losses = [mtt_iteration(syn, student, start, target, Unroll(5), DSA(), torch.Generator().manual_seed(0),
+                            mode="first-order")[0] for _ in range(6)]
+    assert losses[-1] < losses[0]
+
+
+def test_unknown_matching_mode_is_refused():
+    student, start, target, images, labels = tiny_problem()
+    with pytest.raises(ValueError, match="unknown matching mode 'fast'"):
+        matching_gradients("fast", student, start, target, images, labels, torch.tensor(0.1), Unroll(1), None,
+                           torch.Generator())

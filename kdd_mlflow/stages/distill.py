@@ -147,7 +147,7 @@ def run(asked: DistillConfig) -> str:
             t0 = time.perf_counter()
             start, target = buffer.segment(generator, cfg.max_start_epoch, cfg.expert_epochs)
             loss, applied = mtt_iteration(syn, student, start.to(device), target.to(device), unroll, augment,
-                                          generator)
+                                          generator, cfg.matching)
             timing["iteration"] += time.perf_counter() - t0
             timing["iterations"] += 1
             state["skipped"] += int(not applied)
