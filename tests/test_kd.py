@@ -142,9 +142,12 @@ def test_teacher_kd_and_evaluate_stages(fake_fashion):
     syn_student = kd_stage.run(KDConfig(**common, teacher_run=syn_teacher, transfer="synthetic",
                                         synthetic_run=distill_run, student="convnet-w8", epochs=5))
     assert mlflow.get_run(syn_student).data.metrics["data_compression"] == pytest.approx(1100 / 20)
+    # the teacher was fitted to this set's DSA views: its labels are asked on mixed pairs instead
+    assert mlflow.get_run(syn_student).data.params["budget.augment"] == "mixup"
     subset_student = kd_stage.run(KDConfig(**common, teacher_run=teacher_run, transfer="subset", ipc=3,
                                            student="convnet-w8", epochs=5, loss="mse"))
     assert mlflow.get_run(subset_student).data.params["train_images"] == "30"
+    assert mlflow.get_run(subset_student).data.params["budget.augment"] == "dsa"  # a teacher of the full data
 
     eval_run = evaluate_stage.run(EvaluateConfig(**{k: v for k, v in common.items() if k != "budget"},
                                                  runs=f"{student_run},{syn_student}", reference=teacher_run))

@@ -46,6 +46,17 @@ def transfer_set(cfg: KDConfig, real: data.RealData, teacher_zca: data.ZCA | Non
     return real.train, None, teacher_zca
 
 
+def teacher_trained_on_transfer(cfg: KDConfig) -> bool:
+    """Whether the teacher run was trained on this very transfer set (the synthetic set, or the subset)."""
+    if cfg.transfer == "real":
+        return False
+    params = mlflow.get_run(cfg.teacher_run).data.params
+    if cfg.transfer == "synthetic":
+        return tracking.same_value(params.get("synthetic_run", ""), cfg.synthetic_run or "")
+    same = {"ipc": str(cfg.ipc), "seed": str(cfg.seed), "dataset": cfg.dataset, "synthetic_run": ""}
+    return all(tracking.same_value(params.get(k, "?"), v) for k, v in same.items())
+
+
 def run(asked: KDConfig) -> str:
     """Distil the teacher run into a small student on the transfer set; return the run id."""
     device = pick_device(asked.device)
@@ -56,6 +67,9 @@ def run(asked: KDConfig) -> str:
     transfer, learned_lr, zca = transfer_set(asked, real, teacher_zca)
     cfg, filled = resolve_by_source(asked, budget, asked.transfer != "real", config.QUICK_KD, config.PAPER_KD,
                                     learned_lr)
+    if asked.augment is None and teacher_trained_on_transfer(asked):
+        cfg = cfg.model_copy(update={"augment": config.OWN_SET_AUGMENT})
+        filled["augment"] = config.OWN_SET_AUGMENT
     meta = real.info
     generator = seed_everything(cfg.seed)
     teacher = teacher.to(device)
