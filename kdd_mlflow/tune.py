@@ -65,7 +65,7 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
 
 
 @contextlib.contextmanager
-def storage_lock(url: str, study_name: str) -> Iterator[None]:
+def storage_lock(url: str, study_name: str, timeout: float = 600) -> Iterator[None]:
     """Mutual exclusion between workers of one study: a lock file next to a file storage, a PostgreSQL
     advisory lock on PostgreSQL; other databases get none (a study may then overshoot n_trials by up to
     the number of workers minus one)."""
@@ -73,7 +73,7 @@ def storage_lock(url: str, study_name: str) -> Iterator[None]:
     if path is not None:
         import filelock
 
-        with filelock.FileLock(f"{path}.{study_name}.lock", timeout=600):
+        with filelock.FileLock(f"{path}.{study_name}.lock", timeout=timeout):
             yield
         return
     if url.startswith(("postgresql", "postgres")):
@@ -202,9 +202,9 @@ class Objective:
     """One trial: the proposal arm's stages as children of the trial's MLflow run."""
 
     def __init__(self, cfg: TuneConfig, budget: str, study_run: str, worker_run: str, experiment_id: str,
-                 env_manager: str):
+                 env_manager: str, experts_run: str):
         self.cfg, self.budget, self.study_run, self.worker_run = cfg, budget, study_run, worker_run
-        self.experiment_id, self.env_manager = experiment_id, env_manager
+        self.experiment_id, self.env_manager, self.experts_run = experiment_id, env_manager, experts_run
         teacher, student = pipeline.DEFAULT_MODELS[budget]
         self.teacher_model, self.student_model = cfg.teacher_model or teacher, cfg.student_model or student
 
@@ -242,9 +242,8 @@ class Objective:
         cfg = self.cfg
         runner = pipeline.Runner(self.experiment_id, self.env_manager, set(), cfg.override_map)
         watch = Reporter(trial, enabled=not cfg.multi_objective)
-        common = {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "device": cfg.device, "val_size": cfg.val_size,
-                  "train_limit": cfg.train_limit, "budget": self.budget, "seed": cfg.seed}
-        experts = runner("experts", common, f"{name}/experts")
+        common = stage_common(cfg, self.budget)
+        experts = self.experts_run
         distill = runner("distill", {**common, "experts_run": experts, "ipc": values["ipc"],
                                      "lr_teacher": values["lr_teacher"], "lr_lr": values["lr_lr"]},
                          f"{name}/distill", watch=watch)
@@ -259,6 +258,11 @@ class Objective:
         if "val_acc" not in got:
             raise RuntimeError(f"proposal run {student} logged no val_acc")
         return got["val_acc"], got["test_acc"]
+
+
+def stage_common(cfg: TuneConfig, budget: str) -> dict[str, object]:
+    return {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "device": cfg.device, "val_size": cfg.val_size,
+            "train_limit": cfg.train_limit, "budget": budget, "seed": cfg.seed}
 
 
 # --- the study run ------------------------------------------------------------------------------------------
@@ -366,8 +370,12 @@ def run(cfg: TuneConfig) -> str:
             mlflow.set_tag(PARENT_TAG, study_run)
         log.info("%s study %r in %s (%s run %s)", "created" if created else "joined", study_name,
                  tracking.redact(cfg.storage), role, study_run)
-        objective = Objective(cfg, budget, study_run, my_run, mine.info.experiment_id,
-                              pipeline.resolve_env_manager(cfg.env_manager))
+        env_manager = pipeline.resolve_env_manager(cfg.env_manager)
+        # Every trial shares one experts run; workers starting together wait for the first to train it.
+        with storage_lock(cfg.storage, f"{study_name}.experts", timeout=-1):
+            runner = pipeline.Runner(mine.info.experiment_id, env_manager, set(), cfg.override_map)
+            experts_run = runner("experts", stage_common(cfg, budget), "experts")
+        objective = Objective(cfg, budget, study_run, my_run, mine.info.experiment_id, env_manager, experts_run)
         ran = work(study, objective, cfg.n_trials, cfg.timeout, lambda: storage_lock(cfg.storage, study_name),
                    catch=(Exception,))
         mlflow.log_metric("trials_run_here", ran)

@@ -76,3 +76,16 @@ def test_crop_is_a_whole_pixel_shift():
 def test_unknown_augmentation_group():
     with pytest.raises(ValueError, match="unknown augmentation"):
         DSA("color_blur")
+
+
+def test_mlflow_run_environment_lists_the_package_dependencies():
+    """python_env.yaml (what `mlflow run` installs) must carry every runtime dependency of pyproject.toml."""
+    import tomllib
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    wanted = set(tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"])
+    listed = set(yaml.safe_load((root / "python_env.yaml").read_text())["dependencies"])
+    assert wanted - {"virtualenv>=20"} == listed
