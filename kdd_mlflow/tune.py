@@ -60,8 +60,9 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
 
         return optuna.storages.JournalStorage(JournalFileBackend(url))
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
-                                      grace_period=2 * heartbeat)
+    with storage_lock(url, "schema"):  # workers starting together would race to create the tables
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
+                                          grace_period=2 * heartbeat)
 
 
 @contextlib.contextmanager
@@ -153,7 +154,9 @@ def work(study: optuna.Study, objective: Callable[[optuna.Trial], float | tuple[
     while timeout is None or time.monotonic() - started < timeout:
         if n_trials is not None:
             with lock():
-                optuna.storages.fail_stale_trials(study)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
                 if counted_trials(study) >= n_trials:
                     break
                 study.enqueue_trial({}, skip_if_exists=False)
