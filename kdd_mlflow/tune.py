@@ -107,10 +107,12 @@ def make_sampler(cfg: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
+    # The first value a trial reports is the distill run's evaluation of its initial images (real images
+    # drawn by seed), which says nothing about the trial's parameters: no pruning on it.
     if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.prune_startup, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.prune_startup, n_warmup_steps=1)
     if cfg.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=2, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 

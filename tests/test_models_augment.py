@@ -80,9 +80,9 @@ def test_unknown_augmentation_group():
 
 def test_mlflow_run_environment_lists_the_package_dependencies():
     """python_env.yaml (what `mlflow run` installs) must carry every runtime dependency of pyproject.toml."""
-    import tomllib
     from pathlib import Path
 
+    import tomllib
     import yaml
 
     root = Path(__file__).resolve().parents[1]

@@ -140,7 +140,7 @@ def test_a_killed_workers_trial_is_failed_and_retried(tmp_path):
 
 def test_the_pruner_stops_trials_whose_stage_metrics_trail(tmp_path):
     """A contrived objective: each trial's 'stage run' logs a validation curve; the Reporter feeds it."""
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2),
+    study = optuna.create_study(direction="maximize", pruner=tune.make_pruner(TuneConfig(n_trials=5)),
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     levels = iter([0.9, 0.8, 0.1, 0.95, 0.05])
 
@@ -154,7 +154,8 @@ def test_the_pruner_stops_trials_whose_stage_metrics_trail(tmp_path):
 
     study.optimize(objective, n_trials=5)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE", "PRUNED"]
-    assert study.trials[2].intermediate_values == {0: pytest.approx(0.02)}  # stopped at the first value
+    # the first value (the initial set's evaluation) never prunes; the second does
+    assert study.trials[2].intermediate_values == {0: pytest.approx(0.02), 1: pytest.approx(0.04)}
 
 
 @pytest.mark.slow
