@@ -65,6 +65,9 @@ def test_shards_fill_one_buffer_and_a_rerun_trains_only_missing_experts(fake_fas
     assert artifact_names(first, "trajectories") == {"expert_0000.safetensors", "expert_0002.safetensors"}
     assert artifact_names(second, "trajectories") == {"expert_0001.safetensors"}
     assert len(experts_stage.load_manifests([first, second])["experts"]) == 3
+    # after its first expert, a run with more to train logs how long the rest will take
+    assert mlflow.get_run(first).data.metrics["estimated_remaining_s"] > 0
+    assert "estimated_remaining_s" not in mlflow.get_run(second).data.metrics  # nothing left after the one
 
     trained = []
     real_train = experts_stage.train_expert

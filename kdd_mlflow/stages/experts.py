@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -72,7 +73,8 @@ def run(asked: ExpertsConfig) -> str:
         train, test = real.train.to(device), real.test.to(device)
         recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr_teacher, cfg.momentum, cfg.weight_decay, "constant")
         augment = DSA() if cfg.augment == "dsa" else None
-        for k in tqdm(todo, desc="experts"):
+        started = time.perf_counter()
+        for n, k in enumerate(tqdm(todo, desc="experts"), start=1):
             generator = seed_everything(cfg.seed * 1_000_003 + k)
             model = models.create(cfg.model, meta.channels, meta.num_classes, meta.image_size).to(device)
             trajectory, test_acc = train_expert(model, train, test, recipe, generator, augment,
@@ -85,6 +87,10 @@ def run(asked: ExpertsConfig) -> str:
             mlflow.log_metric("expert_test_acc", test_acc, step=k)
             mlflow.log_dict(manifest(cfg, entry, done), MANIFEST)
             log.info("expert %d: test accuracy %.4f", k, test_acc)
+            if n == 1 and len(todo) > 1:  # measured seconds per expert x experts left, before the long part
+                estimate = (time.perf_counter() - started) * (len(todo) - 1)
+                mlflow.log_metric("estimated_remaining_s", estimate, step=k)
+                log.info("estimated time for the remaining %d experts: %.0f s", len(todo) - 1, estimate)
         accs = [e["test_acc"] for e in done.values()]
         if accs:
             mlflow.log_metrics({"experts": len(accs), "expert_test_acc_mean": sum(accs) / len(accs)})
