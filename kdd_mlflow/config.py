@@ -358,21 +358,54 @@ ARMS = {
 }
 
 
-class CombinedConfig(CommonConfig):
-    """The whole study as one parent run: experts -> distill -> every arm as a child run -> comparison."""
+class PipelineConfig(CommonConfig):
+    """Commands that run stages as child runs (combined, tune): the models, stage overrides, and the
+    environment manager of the stage runs."""
 
     dataset: str = Field("mnist", description="mnist, fashion-mnist, cifar10 or cifar100")
     budget: Budget = Field("auto", description="quick (CPU minutes), paper (published settings), auto (by device)")
+    teacher_model: str | None = Field(None, description="teacher architecture (default: the budget's)")
+    student_model: str | None = Field(None, description="student architecture (default: the budget's)")
+    overrides: str = Field("", description="stage or arm parameters, e.g. distill.iterations=500,teacher-full.epochs=5")
+    env_manager: str = Field("auto", description="environment manager of the stage runs (auto: the parent's)")
+
+    @field_validator("teacher_model", "student_model")
+    @classmethod
+    def _known_model(cls, v: str | None) -> str | None:
+        return None if v is None else models.check_name(v)
+
+    @field_validator("env_manager")
+    @classmethod
+    def _env_manager(cls, v: str) -> str:
+        if v not in ("auto", "local", "virtualenv", "uv", "conda"):
+            raise ValueError(f"env_manager {v!r} must be auto, local, virtualenv, uv or conda")
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, v: str) -> str:
+        parse_overrides(v)
+        return v
+
+    @property
+    def override_map(self) -> dict[str, dict[str, str]]:
+        return parse_overrides(self.overrides)
+
+    def models_for(self, budget: str) -> tuple[str, str]:
+        """Teacher and student architectures: as given, else the budget's (real-data) defaults."""
+        teacher, kd = (PAPER_TEACHER, PAPER_KD) if budget == "paper" else (QUICK_TEACHER, QUICK_KD)
+        return self.teacher_model or teacher["real"]["model"], self.student_model or kd["real"]["student"]
+
+
+class CombinedConfig(PipelineConfig):
+    """The whole study as one parent run: experts -> distill -> every arm as a child run -> comparison."""
+
     ipc: int = Field(10, ge=1, description="synthetic images per class (and size of the random real subset)")
     seeds: str = Field("0", description="comma-separated seeds; every model arm is trained once per seed")
     arms: str = Field("all", description=f"comma-separated arms, or all: {', '.join(ARMS)}")
-    teacher_model: str | None = Field(None, description="teacher architecture (default: the budget's)")
-    student_model: str | None = Field(None, description="student architecture (default: the budget's)")
     temperature: float = Field(2.0, gt=0, description="KD temperature T")
     alpha: float = Field(0.5, ge=0, le=1, description="KD weight of the distillation term (1 - alpha on hard labels)")
-    overrides: str = Field("", description="stage or arm parameters, e.g. distill.iterations=500,teacher-full.epochs=5")
     force: str = Field("", description="re-run instead of reusing finished stages: all, or stage names (experts,...)")
-    env_manager: str = Field("auto", description="environment manager of the stage runs (auto: the parent's)")
 
     @field_validator("seeds")
     @classmethod
@@ -396,11 +429,6 @@ class CombinedConfig(CommonConfig):
             raise ValueError(f"unknown arm(s) {unknown}; choose from all, {', '.join(ARMS)}")
         return ",".join(names)
 
-    @field_validator("teacher_model", "student_model")
-    @classmethod
-    def _known_model(cls, v: str | None) -> str | None:
-        return None if v is None else models.check_name(v)
-
     @field_validator("force")
     @classmethod
     def _force(cls, v: str) -> str:
@@ -409,23 +437,6 @@ class CombinedConfig(CommonConfig):
         if unknown:
             raise ValueError(f"unknown stage(s) {sorted(unknown)}; use all, or some of experts, distill, teacher, kd")
         return ",".join(sorted(names))
-
-    @field_validator("env_manager")
-    @classmethod
-    def _env_manager(cls, v: str) -> str:
-        if v not in ("auto", "local", "virtualenv", "uv", "conda"):
-            raise ValueError(f"env_manager {v!r} must be auto, local, virtualenv, uv or conda")
-        return v
-
-    @field_validator("overrides")
-    @classmethod
-    def _overrides(cls, v: str) -> str:
-        parse_overrides(v)
-        return v
-
-    @property
-    def override_map(self) -> dict[str, dict[str, str]]:
-        return parse_overrides(self.overrides)
 
     @property
     def seed_list(self) -> list[int]:
@@ -489,10 +500,6 @@ class Dimension(BaseModel):
     def log(self) -> bool:
         return TUNABLE[self.name][2]
 
-    @property
-    def stage(self) -> str:
-        return TUNABLE[self.name][0]
-
     def cast(self, v: float) -> float | int:
         return int(v) if self.integer else v
 
@@ -522,11 +529,9 @@ def parse_dimension(name: str, text: str) -> Dimension:
     return Dimension(name=name, kind=kind, values=values)
 
 
-class TuneConfig(CommonConfig):
+class TuneConfig(PipelineConfig):
     """An Optuna study over the proposal arm (experts -> distill -> teacher on the synthetic set -> KD)."""
 
-    dataset: str = Field("mnist", description="mnist, fashion-mnist, cifar10 or cifar100")
-    budget: Budget = Field("auto", description="quick (CPU minutes), paper (published settings), auto (by device)")
     study_name: str | None = Field(None, description="study name (default kdd-DATASET-BUDGET); workers sharing it "
                                                      "and the storage cooperate")
     storage: str = Field("sqlite:///optuna.db", description="Optuna storage: an RDB URL (sqlite:///FILE, "
@@ -545,12 +550,8 @@ class TuneConfig(CommonConfig):
     ipc: str = Field("1,10", description="images per class: A,B,C, LOW:HIGH (log, whole numbers) or V")
     temperature: str = Field("1:20", description="KD temperature: LOW:HIGH (log), A,B,C or V")
     alpha: str = Field("0.5", description="KD weight of the distillation term: V, A,B,C or LOW:HIGH")
-    teacher_model: str | None = Field(None, description="teacher architecture (default: the budget's)")
-    student_model: str | None = Field(None, description="student architecture (default: the budget's)")
-    overrides: str = Field("", description="stage parameters for every trial, e.g. distill.iterations=50")
-    heartbeat: int = Field(60, ge=1, description="seconds between trial heartbeats (RDB storage); a trial silent "
-                                                 "for 2x this is failed and retried by another worker")
-    env_manager: str = Field("auto", description="environment manager of the stage runs (auto: the parent's)")
+    heartbeat: int = Field(60, ge=1, description="seconds between trial heartbeats (RDB storage); a trial silent for "
+                                                 "2x this is failed, does not count, and another takes its place")
 
     @field_validator("lr_teacher", "lr_lr", "ipc", "temperature", "alpha")
     @classmethod
@@ -561,14 +562,9 @@ class TuneConfig(CommonConfig):
             raise ValueError(str(exc).removeprefix(f"{info.field_name}: ")) from None
         return v
 
-    @field_validator("teacher_model", "student_model")
-    @classmethod
-    def _known_model(cls, v: str | None) -> str | None:
-        return None if v is None else models.check_name(v)
-
     @field_validator("overrides")
     @classmethod
-    def _overrides(cls, v: str) -> str:
+    def _no_search_parameter(cls, v: str) -> str:
         parsed = parse_overrides(v)
         tuned = {f"{d[0]}.{n}" for n, d in TUNABLE.items()}
         clash = sorted(f"{stage}.{name}" for stage, values in parsed.items() for name in values
@@ -576,11 +572,6 @@ class TuneConfig(CommonConfig):
         if clash:
             raise ValueError(f"{', '.join(clash)} is a search parameter; set it with its own option")
         return v
-
-    @field_validator("env_manager")
-    @classmethod
-    def _env_manager(cls, v: str) -> str:
-        return CombinedConfig._env_manager(v)
 
     @field_validator("storage")
     @classmethod
@@ -599,7 +590,3 @@ class TuneConfig(CommonConfig):
     @property
     def space(self) -> list[Dimension]:
         return [parse_dimension(n, getattr(self, n)) for n in TUNABLE]
-
-    @property
-    def override_map(self) -> dict[str, dict[str, str]]:
-        return parse_overrides(self.overrides)

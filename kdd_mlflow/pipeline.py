@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import torch
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from kdd_mlflow import config, data, metrics, report, tracking
-from kdd_mlflow.config import CombinedConfig, DistillConfig, ExpertsConfig, KDConfig, TeacherConfig
+from kdd_mlflow.config import CombinedConfig, DistillConfig, ExpertsConfig, KDConfig, PipelineConfig, TeacherConfig
 from kdd_mlflow.runtime import pick_device
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,6 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {
 }
 ARM_TAG = "kdd.arm"
 Watch = Callable[[str], None]
-DEFAULT_MODELS = {"quick": (config.QUICK_TEACHER["real"]["model"], config.QUICK_KD["real"]["student"]),
-                  "paper": (config.PAPER_TEACHER["real"]["model"], config.PAPER_KD["real"]["student"])}
 # What each arm needs first (besides experts -> distill for the synthetic-set arms).
 NEEDS = {"kd-full": ["teacher-full"], "kd-subset": ["teacher-full"], "proposal": ["teacher-synthetic"],
          "kd-full-teacher-synthetic": ["teacher-full"]}
@@ -158,10 +157,19 @@ def failure_reason(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def use_this_interpreter(env_manager: str) -> None:
-    """With the local environment manager, stages run ``python -m ...``: make that this interpreter."""
-    if env_manager in ("auto", "local"):
+def prepare(cfg: PipelineConfig) -> tuple[torch.device, str]:
+    """What a command that runs stages checks before any run; returns the device and the resolved budget.
+
+    The data must be there (fail at once otherwise) and the MLproject file found; with the local
+    environment manager, stages run ``python -m ...``, which must be this interpreter.
+    """
+    device = pick_device(cfg.device)
+    budget = config.pick_budget(cfg.budget, device.type)
+    data.resolve(cfg.dataset, cfg.data_dir)
+    project_dir()
+    if cfg.env_manager in ("auto", "local"):
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return device, budget
 
 
 def resolve_env_manager(requested: str) -> str:
@@ -183,13 +191,8 @@ def selected_with_needs(arms: list[str]) -> list[str]:
 
 def run(cfg: CombinedConfig) -> str:
     """Run the whole comparison; return the parent run id."""
-    device = pick_device(cfg.device)
-    budget = config.pick_budget(cfg.budget, device.type)
-    data.resolve(cfg.dataset, cfg.data_dir)  # fail at once, before any run, when the data is missing
-    project_dir()
-    teacher_model, student_model = DEFAULT_MODELS[budget]
-    teacher_model, student_model = cfg.teacher_model or teacher_model, cfg.student_model or student_model
-    use_this_interpreter(cfg.env_manager)
+    device, budget = prepare(cfg)
+    teacher_model, student_model = cfg.models_for(budget)
     with tracking.stage_run("combined", cfg, run_name=f"combined-{cfg.dataset}-ipc{cfg.ipc}") as parent:
         tracking.log_params({"budget.resolved": budget, "budget.teacher_model": teacher_model,
                              "budget.student_model": student_model})

@@ -31,9 +31,8 @@ import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
-from kdd_mlflow import config, data, pipeline, report, tracking
+from kdd_mlflow import config, pipeline, report, tracking
 from kdd_mlflow.config import Dimension, TuneConfig
-from kdd_mlflow.runtime import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +43,13 @@ PARENT_TAG = "mlflow.parentRunId"
 # --- storage, lock, sampler, pruner -------------------------------------------------------------------------
 
 
+def is_journal(url: str) -> bool:
+    return url.endswith(".log") and "://" not in url
+
+
 def storage_path(url: str) -> Path | None:
     """The file behind a SQLite URL or a journal, else None."""
-    if url.endswith(".log") and "://" not in url:
+    if is_journal(url):
         return Path(url)
     if url.startswith("sqlite:///"):
         return Path(url.removeprefix("sqlite:///"))
@@ -55,7 +58,7 @@ def storage_path(url: str) -> Path | None:
 
 def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
     """RDB storage with heartbeats (a trial silent for two intervals is failed), or a journal file."""
-    if url.endswith(".log") and "://" not in url:
+    if is_journal(url):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url))
@@ -210,8 +213,7 @@ class Objective:
                  env_manager: str, experts_run: str):
         self.cfg, self.budget, self.study_run, self.worker_run = cfg, budget, study_run, worker_run
         self.experiment_id, self.env_manager, self.experts_run = experiment_id, env_manager, experts_run
-        teacher, student = pipeline.DEFAULT_MODELS[budget]
-        self.teacher_model, self.student_model = cfg.teacher_model or teacher, cfg.student_model or student
+        self.teacher_model, self.student_model = cfg.models_for(budget)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         values = {d.name: suggest(trial, d) for d in self.cfg.space}
@@ -337,10 +339,9 @@ def join_study(cfg: TuneConfig, storage, study_name: str, my_run: str) -> tuple[
     directions = ["maximize", "minimize"] if cfg.multi_objective else [cfg.direction]
     study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
                                 sampler=make_sampler(cfg, seed), pruner=make_pruner(cfg), load_if_exists=True)
-    if existed:
-        asked = {"directions": [d.name.lower() for d in study.directions]}
-        if asked["directions"] != directions:
-            raise ValueError(f"study {study_name!r} has directions {asked['directions']}, not {directions}")
+    held = [d.name.lower() for d in study.directions]
+    if held != directions:
+        raise ValueError(f"study {study_name!r} has directions {held}, not {directions}")
     study_run = study.user_attrs.get(STUDY_RUN_ATTR)
     if study_run:
         try:
@@ -350,20 +351,16 @@ def join_study(cfg: TuneConfig, storage, study_name: str, my_run: str) -> tuple[
     if not study_run:
         study.set_user_attr(STUDY_RUN_ATTR, my_run)
         study_run = my_run
-    for d in cfg.space:
-        study.set_user_attr(f"space.{d.name}", getattr(cfg, d.name))
+    for name in config.TUNABLE:
+        study.set_user_attr(f"space.{name}", getattr(cfg, name))
     return study, study_run, not existed
 
 
 def run(cfg: TuneConfig) -> str:
     """Run (or join) the study; return this worker's MLflow run id."""
-    device = pick_device(cfg.device)
-    budget = config.pick_budget(cfg.budget, device.type)
-    data.resolve(cfg.dataset, cfg.data_dir)  # fail at once, before any study or run, when the data is missing
-    pipeline.project_dir()
+    _, budget = pipeline.prepare(cfg)  # before any study or run
     study_name = cfg.study_name or f"kdd-{cfg.dataset}-{budget}"
     storage = open_storage(cfg.storage, cfg.heartbeat)
-    pipeline.use_this_interpreter(cfg.env_manager)
     with tracking.stage_run("tune", cfg, run_name=f"tune-{study_name}") as mine:
         my_run = mine.info.run_id
         with storage_lock(cfg.storage, study_name):

@@ -159,8 +159,8 @@ def test_the_pruner_stops_trials_whose_stage_metrics_trail(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_watch_that_raises_cancels_the_stage_and_marks_it_killed(fake_fashion):
-    pipeline.use_this_interpreter("local")
+def test_a_watch_that_raises_cancels_the_stage_and_marks_it_killed(fake_fashion, monkeypatch):
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # local stages
     calls = []
 
     def watch(run_id):

@@ -123,7 +123,7 @@ def adjoint_gradients(
     x_leaf = images.detach()
     thetas = [start.detach()]
     for step in steps:  # forward: parameters only
-        theta = thetas[-1].clone().requires_grad_(True)
+        theta = thetas[-1].detach().requires_grad_(True)
         with torch.enable_grad():
             g = torch.autograd.grad(step_loss(student, theta, x_leaf, labels, step, augment), theta)[0]
         thetas.append((thetas[-1] - alpha * g).detach())
@@ -133,8 +133,8 @@ def adjoint_gradients(
     grad_x = torch.zeros_like(x_leaf)
     grad_alpha = torch.zeros((), dtype=alpha.dtype, device=alpha.device)
     for i in range(len(steps) - 1, -1, -1):  # backward: one step's graph at a time
-        theta = thetas[i].clone().requires_grad_(True)
-        x = x_leaf.clone().requires_grad_(True)
+        theta = thetas[i].detach().requires_grad_(True)  # a new leaf on the same storage, no copy
+        x = x_leaf.detach().requires_grad_(True)
         with torch.enable_grad():
             g = torch.autograd.grad(step_loss(student, theta, x, labels, steps[i], augment), theta,
                                     create_graph=True)[0]
@@ -173,9 +173,8 @@ class SyntheticSet:
         if grads is None:
             loss.backward()
         else:
-            self.images.grad, self.syn_lr.grad = grads[0].clone(), grads[1].clone().reshape(self.syn_lr.shape)
-        grads = (self.images.grad, self.syn_lr.grad)
-        if any(g is None or not torch.isfinite(g).all() for g in grads):
+            self.images.grad, self.syn_lr.grad = grads[0], grads[1].reshape(self.syn_lr.shape)
+        if any(g is None or not torch.isfinite(g).all() for g in (self.images.grad, self.syn_lr.grad)):
             self.opt_img.zero_grad(set_to_none=True)
             self.opt_lr.zero_grad(set_to_none=True)
             return False
