@@ -10,10 +10,14 @@ dev=0
 
 apt_packages=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_packages+=(dataset-fashion-mnist)
-# The UI test drives Debian's Chromium through its chromedriver.
+# The UI test drives Debian's Chromium through its chromedriver; the team-server tests start their own
+# PostgreSQL cluster from Debian's server binaries; the docker/ check validates the compose file with
+# Debian's docker-compose (no engine needed).
 if [ $dev = 1 ]; then
     command -v chromium >/dev/null || apt_packages+=(chromium)
     command -v chromedriver >/dev/null || apt_packages+=(chromium-driver)
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_packages+=(postgresql)
+    command -v docker-compose >/dev/null || apt_packages+=(docker-compose)
 fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ${#apt_packages[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${apt_packages[*]}"

@@ -83,12 +83,15 @@ def add_stage(group: click.Group, name: str, config_cls: type[BaseModel], target
     def command(**values: str | None) -> None:
         cfg = build_config(name, config_cls, values)
         module, function = target.split(":")
+        from mlflow.exceptions import MlflowException
+
         try:
+            tracking.check_store()
             run_id = getattr(importlib.import_module(module), function)(cfg)
         except DataUnavailableError as exc:
             fail(name, str(exc), EXIT_FAILED)
-        except (ValueError, RuntimeError, FileNotFoundError, ArithmeticError) as exc:
-            fail(name, str(exc).splitlines()[0], EXIT_FAILED)
+        except (ValueError, RuntimeError, OSError, ArithmeticError, MlflowException) as exc:
+            fail(name, tracking.redact(tracking.first_line(exc)), EXIT_FAILED)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run is already marked KILLED; checkpoints stay
             click.echo(f"kdd {name}: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)

@@ -20,10 +20,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
+from mlflow.utils.file_utils import local_file_uri_to_path
 from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -37,6 +39,7 @@ STAGE_TAG = "kdd.stage"
 ERROR_TAG = "kdd.error"
 CODE_TAG = "kdd.code_version"
 WEIGHTS_DIR = "weights"
+MODEL_STAGES = ("train", "teacher", "kd")  # the stages whose runs hold a model
 
 
 @functools.cache
@@ -54,6 +57,74 @@ class ArtifactError(RuntimeError):
     """An artifact is missing, truncated or not what the caller expected."""
 
 
+class StoreUnavailable(RuntimeError):
+    """The tracking store cannot be reached, opened or written."""
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_store() -> None:
+    """Fail at once, in one line, when the tracking store cannot be reached or its artifacts written.
+
+    A tracking server gets one request without MLflow's retries (which would wait minutes before
+    failing); a local store is opened and its artifact directory written to.
+    """
+    uri = mlflow.get_tracking_uri()
+    shown = redact(uri)
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri, shown)
+        return
+    try:
+        experiment = MlflowClient().get_experiment(mlflow.tracking.fluent._get_experiment_id() or "0")
+    except Exception as exc:
+        raise StoreUnavailable(f"tracking store {shown} cannot be opened: {first_line(exc)}") from None
+    location = experiment.artifact_location if experiment else ""
+    if location and urlparse(location).scheme in ("", "file"):  # a server or a cloud bucket checks its own
+        directory = Path(local_file_uri_to_path(location))
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as exc:
+            raise StoreUnavailable(f"artifact store {directory} of {shown} is not writable: {exc}") from None
+
+
+def _check_server(uri: str, shown: str) -> None:
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                                max_retries=0, timeout=15, raise_on_status=False, params={"max_results": 1})
+    except Exception as exc:
+        errno = re.search(r"\[Errno -?\d+\] [^'\")]+", first_line(exc))  # "[Errno 111] Connection refused"
+        reason = errno.group(0) if errno else first_line(exc)
+        raise StoreUnavailable(f"tracking server {shown} is unreachable ({reason[:200]}); start it, or point "
+                               "MLFLOW_TRACKING_URI at a running one") from None
+    if response.status_code in (401, 403):
+        raise StoreUnavailable(f"tracking server {shown} refused the request (HTTP {response.status_code}); set "
+                               "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+    if response.status_code != 200:
+        raise StoreUnavailable(f"tracking server {shown} answered HTTP {response.status_code}: "
+                               f"{response.text.strip()[:200]}")
+
+
+def require_run(run_id: str, what: str = "run", stages: tuple[str, ...] = ()) -> Any:
+    """The run ``run_id`` (of one of ``stages``, when given), or an error that names it and the store."""
+    try:
+        run = mlflow.get_run(run_id)
+    except Exception:
+        raise ArtifactError(f"{what} {run_id!r} not found in {redact(mlflow.get_tracking_uri())}") from None
+    stage = run.data.tags.get(STAGE_TAG)
+    if stages and stage not in stages:
+        raise ArtifactError(f"run {run_id} is {'a kdd ' + stage if stage else 'not a kdd'} run; "
+                            f"expected a {what} ({' or '.join(stages)})")
+    return run
+
+
 # Fields that say which run to continue, not how to compute: never params (they differ between the first
 # call and a resumed one by design).
 CONTROL_FIELDS = {"run_id", "resume"}
@@ -62,6 +133,11 @@ CONTROL_FIELDS = {"run_id", "resume"}
 def flat_params(config: BaseModel) -> dict[str, str]:
     """The config as MLflow params (strings; None becomes an empty string; URL passwords masked)."""
     return {k: "" if v is None else redact(str(v)) for k, v in config.model_dump().items() if k not in CONTROL_FIELDS}
+
+
+def config_dict(config: BaseModel) -> dict[str, Any]:
+    """The config as a dict for config.json, URL passwords masked."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in config.model_dump().items()}
 
 
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@\s]+:)[^@\s]+@")
@@ -92,8 +168,8 @@ def log_params(params: dict[str, object]) -> None:
         value = "" if value is None else str(value)
         if key not in logged:
             new[key] = value
-        elif not same_value(logged[key], value):
-            raise ValueError(f"run {run.info.run_id} has {key}={logged[key]!r}; this call has {value!r}")
+        elif not same_value(redact(logged[key]), value):  # `mlflow run` logs -P values as given, unmasked
+            raise ValueError(f"run {run.info.run_id} has {key}={redact(logged[key])!r}; this call has {value!r}")
     if new:
         mlflow.log_params(new)
 
@@ -108,19 +184,15 @@ def stage_run(stage: str, config: BaseModel, run_name: str | None = None, nested
     as config.json. A failure inside ends the run FAILED with the one-line reason as a tag.
     """
     if run_id is not None:
-        try:
-            mlflow.get_run(run_id)
-        except Exception:
-            raise ArtifactError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from None
+        require_run(run_id)
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else (run_name or stage), nested=nested)
     try:
         mlflow.set_tags({STAGE_TAG: stage, CODE_TAG: code_version(), **(tags or {})})
         log_params(flat_params(config))
-        mlflow.log_dict((resolved or config).model_dump(), "config.json")
+        mlflow.log_dict(config_dict(resolved or config), "config.json")
         yield run
     except BaseException as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        mlflow.set_tag(ERROR_TAG, reason[:5000])
+        mlflow.set_tag(ERROR_TAG, first_line(exc)[:5000])
         mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     else:
@@ -168,23 +240,38 @@ def download(run_id: str, path: str, dst: str | Path | None = None) -> Path:
         raise ArtifactError(f"run {run_id}: cannot fetch artifact {path!r}: {str(exc).splitlines()[0]}") from None
 
 
+def load_json(run_id: str, path: str, dst: str | Path | None = None) -> dict:
+    """A JSON artifact (a spec or manifest) as a dict, or an error that names the run and the file."""
+    try:
+        loaded = json.loads(download(run_id, path, dst).read_text())
+    except ArtifactError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"run {run_id}: {path} is unreadable: {first_line(exc)}") from None
+    if not isinstance(loaded, dict):
+        raise ArtifactError(f"run {run_id}: {path} holds {type(loaded).__name__}, not an object")
+    return loaded
+
+
+def load_tensors(run_id: str, path: str, dst: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors artifact (never unpickled), or an error that names the run and the file."""
+    local = download(run_id, path, dst)
+    try:
+        return load_file(str(local))
+    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+        raise ArtifactError(f"run {run_id}: {path} is unreadable: {first_line(exc)}") from None
+
+
 def load_model(run_id: str, name: str = "model", expect: dict[str, Any] | None = None
                ) -> tuple[nn.Module, dict, ZCA | None]:
     """Rebuild a model logged by ``log_model``, check its spec against ``expect``; return it, its spec
     and the ZCA whitening its inputs need (or None)."""
+    require_run(run_id, "model run", MODEL_STAGES)
     with tempfile.TemporaryDirectory() as tmp:
-        spec_path = download(run_id, f"{WEIGHTS_DIR}/{name}.json", tmp)
-        weights_path = download(run_id, f"{WEIGHTS_DIR}/{name}.safetensors", tmp)
-        try:
-            spec = json.loads(spec_path.read_text())
-            state = load_file(str(weights_path))
-            zca = None
-            if spec.get("zca"):
-                zca = ZCA.from_tensors(load_file(str(download(run_id, f"{WEIGHTS_DIR}/{name}.zca.safetensors", tmp))))
-        except ArtifactError:
-            raise
-        except Exception as exc:
-            raise ArtifactError(f"run {run_id}: {name} weights are unreadable: {exc}") from None
+        spec = load_json(run_id, f"{WEIGHTS_DIR}/{name}.json", tmp)
+        state = load_tensors(run_id, f"{WEIGHTS_DIR}/{name}.safetensors", tmp)
+        zca = ZCA.from_tensors(load_tensors(run_id, f"{WEIGHTS_DIR}/{name}.zca.safetensors", tmp)) \
+            if spec.get("zca") else None
     for key, want in (expect or {}).items():
         if spec.get(key) != want:
             raise ArtifactError(f"run {run_id}: model {name} has {key}={spec.get(key)!r}, expected {want!r}")

@@ -63,9 +63,13 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
 
         return optuna.storages.JournalStorage(JournalFileBackend(url))
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    with storage_lock(url, "schema"):  # workers starting together would race to create the tables
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
-                                          grace_period=2 * heartbeat)
+    try:
+        with storage_lock(url, "schema"):  # workers starting together would race to create the tables
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
+                                              grace_period=2 * heartbeat)
+    except Exception as exc:  # SQLAlchemy's and the driver's errors, a lock file that cannot be made
+        raise tracking.StoreUnavailable(f"Optuna storage {tracking.redact(url)} cannot be opened: "
+                                        f"{tracking.redact(tracking.first_line(exc))}") from None
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ random real subset of the same size, with an image grid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -103,14 +104,15 @@ def run(asked: DistillConfig) -> str:
     meta = real.info
     generator = seed_everything(cfg.seed)
 
-    with tempfile.TemporaryDirectory() as tmp, tracking.stage_run(
-        "distill", asked, run_name=f"distill-{cfg.dataset}-ipc{cfg.ipc}", run_id=cfg.resume, resolved=cfg
-    ) as active:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        buffer = ExpertBuffer(manifest, Path(tmp))  # every trajectory is fetched and checked before the run starts
+        active = stack.enter_context(tracking.stage_run(
+            "distill", asked, run_name=f"distill-{cfg.dataset}-ipc{cfg.ipc}", run_id=cfg.resume, resolved=cfg))
         run_id = active.info.run_id
         tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()},
                              "experts": len(manifest["experts"]), "zca": manifest["zca"]})
         mlflow.set_tag("kdd.device", str(device))
-        buffer = ExpertBuffer(manifest, Path(tmp))
         student = FlatModel(models.create(manifest["model"], meta.channels, meta.num_classes, meta.image_size)
                             .to(device))
         init = initial_images(real, cfg.ipc, cfg.init, generator)
@@ -245,13 +247,15 @@ def load_synthetic(run_id: str, expect: dict | None = None) -> tuple[data.Split,
 
     Loads without unpickling and checks shapes, dtypes and ``expect`` (e.g. dataset) against the spec.
     """
+    tracking.require_run(run_id, "distill run", ("distill",))
     with tempfile.TemporaryDirectory() as tmp:
-        spec = json.loads(tracking.download(run_id, f"{SYNTHETIC_DIR}/synthetic.json", tmp).read_text())
+        spec = tracking.load_json(run_id, f"{SYNTHETIC_DIR}/synthetic.json", tmp)
         path = tracking.download(run_id, f"{SYNTHETIC_DIR}/synthetic.safetensors", tmp)
         try:
             tensors = load_file(str(path))
         except Exception as exc:
-            raise tracking.ArtifactError(f"run {run_id}: synthetic.safetensors is unreadable: {exc}") from None
+            raise tracking.ArtifactError(f"run {run_id}: {SYNTHETIC_DIR}/synthetic.safetensors is unreadable: "
+                                         f"{tracking.first_line(exc)}") from None
     for key, want in (expect or {}).items():
         if spec.get(key) != want:
             raise tracking.ArtifactError(f"run {run_id}: synthetic set has {key}={spec.get(key)!r}, expected {want!r}")

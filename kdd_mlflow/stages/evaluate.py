@@ -27,10 +27,7 @@ def run(cfg: EvaluateConfig) -> str:
     """Compute accuracy, NLL, ECE (and agreement and KL with the reference) for each model run."""
     device = pick_device(cfg.device)
     for run_id in cfg.run_ids + ([cfg.reference] if cfg.reference else []):
-        try:
-            mlflow.get_run(run_id)
-        except Exception:
-            raise tracking.ArtifactError(f"run {run_id!r} not found in {mlflow.get_tracking_uri()}") from None
+        tracking.require_run(run_id)
     real = data.load(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_limit)
     labels = real.test.labels.to(device)
     with tracking.stage_run("evaluate", cfg, run_name=f"evaluate-{cfg.dataset}") as active:

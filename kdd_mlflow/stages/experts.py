@@ -7,7 +7,6 @@ trains only the experts it is missing: a crash loses at most the expert in progr
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -110,13 +109,8 @@ def load_manifests(run_ids: list[str]) -> dict:
     """Merge the manifests of one or more experts runs, checking they describe one buffer."""
     merged: dict | None = None
     for run_id in run_ids:
-        try:
-            run = mlflow.get_run(run_id)
-        except Exception as exc:
-            raise tracking.ArtifactError(f"experts run {run_id!r} not found: {str(exc).splitlines()[0]}") from None
-        if run.data.tags.get(tracking.STAGE_TAG) != "experts":
-            raise tracking.ArtifactError(f"run {run_id} is not an experts run")
-        m = json.loads(tracking.download(run_id, MANIFEST).read_text())
+        tracking.require_run(run_id, "experts run", ("experts",))
+        m = tracking.load_json(run_id, MANIFEST)
         for e in m["experts"]:
             e["run_id"] = run_id
         if merged is None:
