@@ -1,0 +1,136 @@
+"""The team deployment without containers: PostgreSQL, an `mlflow server` with basic auth on 127.0.0.1,
+two experts shards and two tuning workers against them, and no secret anywhere they write."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from tests.conftest import write_idx_dataset
+from tests.services import BIN, mlflow_server, postgres
+from tests.test_tune import TINY
+
+pytestmark = pytest.mark.slow
+
+# Three secrets, each of which must stay out of every param, tag, artifact and log line.
+PG_PASSWORD = "pg-Secret-4471"
+ADMIN_PASSWORD = "admin-Secret-9923"
+SECRET_KEY = "flask-Secret-5108"
+SECRETS = (PG_PASSWORD, ADMIN_PASSWORD, SECRET_KEY)
+DATABASES = ("mlflow", "mlflow_auth", "optuna")  # as docker/postgres-init.sql creates them
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    """PostgreSQL with the tracking, auth and Optuna databases; the tracking server in front of it."""
+    root = tmp_path_factory.mktemp("team")
+    with postgres(DATABASES, PG_PASSWORD) as pg, \
+            mlflow_server(root / "server", pg, ADMIN_PASSWORD, SECRET_KEY) as url:
+        yield root, pg, url
+
+
+@pytest.fixture
+def client_env(team, monkeypatch, tmp_path):
+    """A worker's environment: the server's URL, the user's credentials, the database password for libpq."""
+    root, pg, url = team
+    env = {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD,
+           "PGPASSWORD": PG_PASSWORD}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(url)
+    data_dir = write_idx_dataset(tmp_path / "data" / "fashion-mnist")
+    monkeypatch.setenv("KDD_DATA_DIR", str(data_dir.parent))
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1"}
+
+
+def start(env: dict, cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "kdd"), *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish_all(*processes: subprocess.Popen, timeout: float = 900) -> list[tuple[str, str]]:
+    outputs = [p.communicate(timeout=timeout) for p in processes]
+    for p, (_, err) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return outputs
+
+
+def run_id_of(output: tuple[str, str]) -> str:
+    return output[0].strip().split("run_id: ")[-1]
+
+
+def assert_no_secret(*logs: str) -> None:
+    """No secret in the given logs, nor in any param, tag or text artifact of any run on the server."""
+    for text in logs:
+        assert not any(s in text for s in SECRETS), "a secret reached a log"
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    assert runs
+    for run in runs:
+        fields = " ".join([*run.data.params.values(), *run.data.tags.values(), *run.data.params, *run.data.tags])
+        assert not any(s in fields for s in SECRETS), f"a secret reached run {run.info.run_id}'s params or tags"
+        pending = list(client.list_artifacts(run.info.run_id))
+        while pending:
+            artifact = pending.pop()
+            if artifact.is_dir:
+                pending += client.list_artifacts(run.info.run_id, artifact.path)
+            elif artifact.path.endswith((".json", ".csv", ".md", ".txt", ".yaml", ".html", "MLmodel")):
+                text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{artifact.path}")
+                assert not any(s in text for s in SECRETS), f"a secret reached {run.info.run_id}/{artifact.path}"
+
+
+def test_two_experts_shards_fill_one_buffer_through_the_server(client_env, tmp_path):
+    common = ["--dataset", "fashion-mnist", "--val-size", "100", "--budget", "quick", "--model", "convnet-w8",
+              "--num-experts", "2", "--epochs", "2"]
+    shards = finish_all(start(client_env, tmp_path, "experts", *common, "--shard", "0/2"),
+                        start(client_env, tmp_path, "experts", *common, "--shard", "1/2"))
+    runs = [run_id_of(o) for o in shards]
+    distilled = finish_all(start(client_env, tmp_path, "distill", "--experts-run", ",".join(runs), "--dataset",
+                                 "fashion-mnist", "--budget", "quick", "--ipc", "1", "--iterations", "2",
+                                 "--syn-steps", "2", "--expert-epochs", "1", "--max-start-epoch", "1",
+                                 "--eval-every", "2", "--num-eval", "1", "--eval-epochs", "3"))
+    distill = mlflow.get_run(run_id_of(distilled[0]))
+    assert distill.info.status == "FINISHED" and distill.data.params["experts"] == "2"
+    assert distill.info.artifact_uri.startswith("mlflow-artifacts:")  # served by the tracking server
+    assert (tmp_path / "mlruns").exists() is False  # nothing fell back to a local store
+    assert_no_secret(*(o[1] for o in (*shards, *distilled)))
+
+
+def test_two_tuning_workers_share_one_study_on_postgres(team, client_env, tmp_path):
+    _, pg, _ = team
+    # One worker is given the password inside the storage URL, the other through PGPASSWORD.
+    with_password = pg.url("optuna").replace(f"{pg.user}@", f"{pg.user}:{PG_PASSWORD}@")
+    args = ["tune", "--dataset", "fashion-mnist", "--val-size", "100", "--budget", "quick", "--ipc", "2",
+            "--lr-teacher", "0.01", "--lr-lr", "1e-5", "--temperature", "1:8", "--teacher-model", "convnet-w16",
+            "--student-model", "convnet-w8", "--overrides", TINY, "--env-manager", "local", "--n-trials", "2",
+            "--study-name", "team", "--load-if-exists", "true", "--pruner", "none", "--heartbeat", "5"]
+    outputs = finish_all(start(client_env, tmp_path, *args, "--storage", with_password),
+                         start(client_env, tmp_path, *args, "--storage", pg.url("optuna")))
+
+    storage = optuna.storages.RDBStorage(pg.url("optuna"))
+    study = optuna.load_study(study_name="team", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    workers = [mlflow.get_run(run_id_of(o)) for o in outputs]
+    assert sum(int(w.data.metrics["trials_run_here"]) for w in workers) == 2
+    assert sorted(w.data.tags["kdd.role"] for w in workers) == ["study", "worker"]
+    # the password given in the URL is masked in the params, the other URL had none to mask
+    assert {w.data.params["storage"] for w in workers} == {pg.url("optuna"),
+                                                          pg.url("optuna").replace(f"{pg.user}@", f"{pg.user}:***@")}
+    study_run = next(w for w in workers if w.data.tags["kdd.role"] == "study").info.run_id
+    trials = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=(
+        f"tags.`mlflow.parentRunId` = '{study_run}' and tags.`kdd.stage` = 'trial'"))
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+    assert_no_secret(*(text for o in outputs for text in o))
+
+
+def test_wrong_credentials_are_refused_in_one_line(client_env, tmp_path):
+    env = {**client_env, "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
+    done = subprocess.run([str(BIN / "kdd"), "train", "--dataset", "fashion-mnist"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1].startswith("kdd train: error: tracking server")
+    assert "HTTP 401" in done.stderr and "Traceback" not in done.stderr
