@@ -233,3 +233,14 @@ def test_unreachable_optuna_storage_fails_before_any_run(fake_fashion, tmp_path,
     one_line_error(result, "Optuna storage", "cannot be opened")
     assert stage_runs() == []
 
+
+def test_readme_fault_table_is_tested():
+    """Every row of the README's table of bad inputs and faults names tests, and each of them exists."""
+    section = (ROOT / "README.md").read_text().split("## Bad input and faults", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| input")]
+    assert len(rows) >= 15
+    for row in rows:
+        named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", row.split("|")[-2])
+        assert named, f"row without a test: {row}"
+        for file, name in named:
+            assert re.search(rf"^def {name}\(", (ROOT / "tests" / file).read_text(), re.M), f"{file}::{name} missing"
