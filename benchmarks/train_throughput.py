@@ -7,6 +7,10 @@ and KD with a teacher), the bare step is the least a loop can do: data held as t
 a fixed slice per step, forward, loss, backward, SGD step, nothing else. ``kdd_mlflow.train.fit`` adds
 shuffling, the learning-rate schedule, on-device loss and accuracy sums read once per epoch, and (for
 KD) the teacher's forward pass, which the bare KD step does too. The ratio is fit / bare.
+
+``--variants`` also times the bare supervised step under channels_last memory format, bf16 autocast
+and torch.compile, each against the plain bare step: the loops adopt one only where it helps on the
+device at hand.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bare(model, teacher, loss_fn, x_all, y_all, batch_size, epochs, device) -> float:
-    """Seconds for ``epochs`` passes of the bare step."""
+def bare(model, teacher, loss_fn, x_all, y_all, batch_size, epochs, device, bf16: bool = False) -> float:
+    """Seconds for ``epochs`` passes of the bare step (under bf16 autocast when ``bf16``)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     model.train()
     sync(device)
@@ -37,13 +41,14 @@ def bare(model, teacher, loss_fn, x_all, y_all, batch_size, epochs, device) -> f
     for _ in range(epochs):
         for i in range(0, len(x_all), batch_size):
             x, y = x_all[i:i + batch_size], y_all[i:i + batch_size]
-            logits = model(x)
-            if teacher is None:
-                loss = F.cross_entropy(logits, y)
-            else:
-                with torch.no_grad():
-                    t = teacher(x)
-                loss = loss_fn(logits, t, F.cross_entropy(logits, y))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+                if teacher is None:
+                    loss = F.cross_entropy(logits, y)
+                else:
+                    with torch.no_grad():
+                        t = teacher(x)
+                    loss = loss_fn(logits, t, F.cross_entropy(logits, y))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -71,7 +76,9 @@ def ours(model, teacher, loss_fn, x_all, y_all, batch_size, epochs, device) -> f
 @click.option("--epochs", default=2, show_default=True, help="timed epochs per loop (after one warm-up)")
 @click.option("--repeats", default=3, show_default=True, help="alternating repeats; the best of each is kept")
 @click.option("--device", default="auto", show_default=True)
-def main(dataset, model, teacher, images, batch_size, epochs, repeats, device):
+@click.option("--variants", default="channels_last,bf16,compile", show_default=True,
+              help="bare-step variants to time against the plain bare step ('' for none)")
+def main(dataset, model, teacher, images, batch_size, epochs, repeats, device, variants):
     meta = data.info(dataset)
     dev = pick_device(device)
     torch.manual_seed(0)
@@ -91,7 +98,34 @@ def main(dataset, model, teacher, images, batch_size, epochs, repeats, device):
         n = images * epochs
         out[loop] = {"bare_images_per_s": round(n / best["bare"], 1), "fit_images_per_s": round(n / best["fit"], 1),
                      "ratio": round(best["bare"] / best["fit"], 3)}
+    out["variants"] = time_variants([v for v in variants.split(",") if v], make, model, x, y, batch_size, epochs,
+                                    repeats, dev)
     print(json.dumps(out, indent=2))
+
+
+def time_variants(names, make, model, x, y, batch_size, epochs, repeats, dev) -> dict:
+    """Images per second of the bare supervised step in each variant, and against the plain step."""
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    setups = {
+        "plain": lambda: (make(model), x, False),
+        "channels_last": lambda: (make(model).to(memory_format=torch.channels_last), channels_last, False),
+        "bf16": lambda: (make(model), x, True),
+        "compile": lambda: (torch.compile(make(model)), x, False),
+    }
+    unknown = set(names) - set(setups)
+    if unknown:
+        raise click.BadParameter(f"unknown variant(s) {sorted(unknown)}; choose from {sorted(setups)[1:]}")
+    seconds = {}
+    for name in ["plain", *names]:
+        best = float("inf")
+        for _ in range(repeats):
+            net, inputs, bf16 = setups[name]()
+            bare(net, None, None, inputs, y, batch_size, 1, dev, bf16)  # warm-up (and compilation)
+            best = min(best, bare(net, None, None, inputs, y, batch_size, epochs, dev, bf16))
+        seconds[name] = best
+    n = len(x) * epochs
+    return {name: {"images_per_s": round(n / t, 1), "vs_plain": round(seconds["plain"] / t, 3)}
+            for name, t in seconds.items()}
 
 
 if __name__ == "__main__":
