@@ -24,6 +24,7 @@ from kdd_mlflow.config import (
     one_line,
 )
 from kdd_mlflow.data import DataUnavailableError
+from kdd_mlflow.runtime import first_line
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -91,7 +92,7 @@ def add_stage(group: click.Group, name: str, config_cls: type[BaseModel], target
         except DataUnavailableError as exc:
             fail(name, str(exc), EXIT_FAILED)
         except (ValueError, RuntimeError, OSError, ArithmeticError, MlflowException) as exc:
-            fail(name, tracking.redact(tracking.first_line(exc)), EXIT_FAILED)
+            fail(name, tracking.redact(first_line(exc)), EXIT_FAILED)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run is already marked KILLED; checkpoints stay
             click.echo(f"kdd {name}: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)

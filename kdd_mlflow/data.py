@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdd_mlflow.runtime import first_line
+
 log = logging.getLogger(__name__)
 
 SYSTEM_DIRS = (Path("/usr/share/datasets"),)
@@ -242,8 +244,7 @@ def resolve(name: str, data_dir: str | Path | None = None, download: bool = True
     except DataUnavailableError:
         raise
     except Exception as exc:  # network errors come in many types (URLError, socket errors, ...)
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataUnavailableError(unavailable_message(name, data_dir, first_line)) from None
+        raise DataUnavailableError(unavailable_message(name, data_dir, first_line(exc))) from None
 
 
 def read_raw(name: str, root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

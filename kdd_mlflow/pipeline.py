@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from kdd_mlflow import config, data, metrics, report, tracking
 from kdd_mlflow.config import CombinedConfig, DistillConfig, ExpertsConfig, KDConfig, PipelineConfig, TeacherConfig
-from kdd_mlflow.runtime import pick_device
+from kdd_mlflow.runtime import first_line, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +149,11 @@ def wait_watching(submitted, watch: Watch, poll_s: float) -> None:
 
 def failure_reason(exc: Exception) -> str:
     """The failed child's recorded reason, when it recorded one."""
-    text = str(exc)
     runs = mlflow.search_runs(filter_string="attributes.status = 'FAILED'", order_by=["attributes.start_time DESC"],
                               max_results=1, output_format="list")
     if runs and tracking.ERROR_TAG in runs[0].data.tags:
         return f"run {runs[0].info.run_id}: {runs[0].data.tags[tracking.ERROR_TAG]}"
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def prepare(cfg: PipelineConfig) -> tuple[torch.device, str]:

@@ -1,4 +1,4 @@
-"""Device choice and seeding, in one place."""
+"""Device choice, seeding and one-line error reasons: what every module needs, in one place."""
 
 from __future__ import annotations
 
@@ -33,3 +33,9 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): a one-line reason."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -32,6 +32,7 @@ from torch import nn
 
 from kdd_mlflow import models
 from kdd_mlflow.data import ZCA
+from kdd_mlflow.runtime import first_line
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,6 @@ class ArtifactError(RuntimeError):
 
 class StoreUnavailable(RuntimeError):
     """The tracking store cannot be reached, opened or written."""
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_store() -> None:
@@ -237,7 +233,7 @@ def download(run_id: str, path: str, dst: str | Path | None = None) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst))
     except Exception as exc:
-        raise ArtifactError(f"run {run_id}: cannot fetch artifact {path!r}: {str(exc).splitlines()[0]}") from None
+        raise ArtifactError(f"run {run_id}: cannot fetch artifact {path!r}: {first_line(exc)}") from None
 
 
 def load_json(run_id: str, path: str, dst: str | Path | None = None) -> dict:

@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from kdd_mlflow import config, pipeline, report, tracking
 from kdd_mlflow.config import Dimension, TuneConfig
+from kdd_mlflow.runtime import first_line
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
                                               grace_period=2 * heartbeat)
     except Exception as exc:  # SQLAlchemy's and the driver's errors, a lock file that cannot be made
         raise tracking.StoreUnavailable(f"Optuna storage {tracking.redact(url)} cannot be opened: "
-                                        f"{tracking.redact(tracking.first_line(exc))}") from None
+                                        f"{tracking.redact(first_line(exc))}") from None
 
 
 @contextlib.contextmanager
@@ -233,7 +234,7 @@ class Objective:
             self.finish("PRUNED", "KILLED", str(exc))
             raise
         except BaseException as exc:
-            self.finish("FAIL", "FAILED", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self.finish("FAIL", "FAILED", first_line(exc))
             raise
         trial.set_user_attr("test_acc", test_acc)
         mlflow.log_metrics({"val_acc": value, "test_acc": test_acc})

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mlflow
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from kdd_mlflow import config, data, models, report, tracking
@@ -250,12 +250,7 @@ def load_synthetic(run_id: str, expect: dict | None = None) -> tuple[data.Split,
     tracking.require_run(run_id, "distill run", ("distill",))
     with tempfile.TemporaryDirectory() as tmp:
         spec = tracking.load_json(run_id, f"{SYNTHETIC_DIR}/synthetic.json", tmp)
-        path = tracking.download(run_id, f"{SYNTHETIC_DIR}/synthetic.safetensors", tmp)
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:
-            raise tracking.ArtifactError(f"run {run_id}: {SYNTHETIC_DIR}/synthetic.safetensors is unreadable: "
-                                         f"{tracking.first_line(exc)}") from None
+        tensors = tracking.load_tensors(run_id, f"{SYNTHETIC_DIR}/synthetic.safetensors", tmp)
     for key, want in (expect or {}).items():
         if spec.get(key) != want:
             raise tracking.ArtifactError(f"run {run_id}: synthetic set has {key}={spec.get(key)!r}, expected {want!r}")
