@@ -24,6 +24,33 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+@dataclass
+class Finished:
+    """What a ``kdd`` command that exited 0 left: the run id it printed, its stdout and its log."""
+    run_id: str
+    out: str
+    err: str
+
+
+def start_kdd(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """``kdd ARGS`` in the background, output captured, progress bars off."""
+    return subprocess.Popen([str(BIN / "kdd"), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**(env or os.environ), "TQDM_DISABLE": "1"})
+
+
+def finish(*processes: subprocess.Popen, timeout: float = 900) -> list[Finished]:
+    """Wait for every process; each must exit 0."""
+    outputs = [p.communicate(timeout=timeout) for p in processes]
+    for p, (_, err) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return [Finished(printed_run_id(out), out, err) for out, err in outputs]
+
+
+def printed_run_id(stdout: str) -> str:
+    """The run id a ``kdd`` command prints last (``run_id: ...``)."""
+    return stdout.strip().split("run_id: ")[-1]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

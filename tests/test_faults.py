@@ -6,11 +6,9 @@ Each test here is a row of the README's table of bad inputs and faults (test_rea
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,23 +23,10 @@ from kdd_mlflow.config import TrainConfig
 from kdd_mlflow.stages import distill as distill_stage
 from kdd_mlflow.stages import experts as experts_stage
 from kdd_mlflow.stages import train as train_stage
-from tests.services import free_port
+from tests.services import finish, free_port, start_kdd
 from tests.test_distill_stage import distill_config, experts_config
 
 ROOT = Path(__file__).resolve().parents[1]
-KDD = str(Path(sys.executable).parent / "kdd")
-
-
-def kdd(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([KDD, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"})
-
-
-def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
-    """The run id a successful command printed, and its log."""
-    out, err = process.communicate(timeout=timeout)
-    assert process.returncode == 0, err[-3000:]
-    return out.strip().split("run_id: ")[-1], err
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -82,9 +67,9 @@ def stage_runs() -> list:
 def test_killed_distill_resumes_to_the_uninterrupted_set(fake_fashion, tmp_path):
     experts_run = experts_stage.run(experts_config(fake_fashion))
     args = cli_args(distill_config(fake_fashion, experts_run, iterations=12, eval_every=6, checkpoint_every=2))
-    whole, _ = finish(kdd("distill", *args, cwd=tmp_path))
+    whole = finish(start_kdd("distill", *args, cwd=tmp_path))[0].run_id
 
-    victim = kdd("distill", *args, cwd=tmp_path)
+    victim = start_kdd("distill", *args, cwd=tmp_path)
     client = mlflow.MlflowClient()
 
     def past_a_checkpoint() -> bool:
@@ -98,8 +83,8 @@ def test_killed_distill_resumes_to_the_uninterrupted_set(fake_fashion, tmp_path)
     victim.wait()
     assert mlflow.get_run(killed).info.status == "RUNNING"
 
-    resumed, log = finish(kdd("distill", *args, "--resume", killed, cwd=tmp_path))
-    assert resumed == killed and re.search(rf"resuming run {killed} at iteration (2|4|6|8|10)\b", log)
+    [resumed] = finish(start_kdd("distill", *args, "--resume", killed, cwd=tmp_path))
+    assert resumed.run_id == killed and re.search(rf"resuming run {killed} at iteration (2|4|6|8|10)\b", resumed.err)
 
     def final(run_id):
         return load_file(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/synthetic/synthetic.safetensors"))
@@ -114,7 +99,7 @@ def test_killed_distill_resumes_to_the_uninterrupted_set(fake_fashion, tmp_path)
 @pytest.mark.slow
 def test_killed_experts_loses_at_most_the_expert_in_progress(fake_fashion, tmp_path):
     args = cli_args(experts_config(fake_fashion, num_experts=3, epochs=4))
-    victim = kdd("experts", *args, cwd=tmp_path)
+    victim = start_kdd("experts", *args, cwd=tmp_path)
 
     def first_expert_stored() -> bool:
         ids = running("experts")
@@ -129,8 +114,8 @@ def test_killed_experts_loses_at_most_the_expert_in_progress(fake_fashion, tmp_p
               for k, e in kept.items()}
     assert 1 <= len(kept) <= 2
 
-    resumed, log = finish(kdd("experts", *args, "--run-id", killed, cwd=tmp_path))
-    assert resumed == killed and f"{3 - len(kept)} of this shard's 3 experts to train" in log
+    [resumed] = finish(start_kdd("experts", *args, "--run-id", killed, cwd=tmp_path))
+    assert resumed.run_id == killed and f"{3 - len(kept)} of this shard's 3 experts to train" in resumed.err
     done = experts_stage.existing_experts(killed)
     assert sorted(done) == [0, 1, 2] and mlflow.get_run(killed).info.status == "FINISHED"
     for k, digest in before.items():  # what was stored survives untouched: only the missing ones were trained

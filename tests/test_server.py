@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_idx_dataset
-from tests.services import free_port, wait_for_health
+from tests.services import free_port, printed_run_id, wait_for_health
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -50,7 +50,7 @@ def served(tmp_path_factory):
             env=env, cwd=tmp, capture_output=True, text=True, timeout=600,
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        parent_id = done.stdout.strip().split("run_id: ")[-1]
+        parent_id = printed_run_id(done.stdout)
         yield base, parent_id
     finally:
         server.terminate()

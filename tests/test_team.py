@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
 
 from tests.conftest import write_idx_dataset
-from tests.services import BIN, mlflow_server, postgres
+from tests.services import BIN, finish, mlflow_server, postgres, start_kdd
 from tests.test_tune import TINY
 
 pytestmark = pytest.mark.slow
@@ -48,22 +47,6 @@ def client_env(team, monkeypatch, tmp_path):
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1"}
 
 
-def start(env: dict, cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "kdd"), *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def finish_all(*processes: subprocess.Popen, timeout: float = 900) -> list[tuple[str, str]]:
-    outputs = [p.communicate(timeout=timeout) for p in processes]
-    for p, (_, err) in zip(processes, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    return outputs
-
-
-def run_id_of(output: tuple[str, str]) -> str:
-    return output[0].strip().split("run_id: ")[-1]
-
-
 def assert_no_secret(*logs: str) -> None:
     """No secret in the given logs, nor in any param, tag or text artifact of any run on the server."""
     for text in logs:
@@ -87,18 +70,18 @@ def assert_no_secret(*logs: str) -> None:
 def test_two_experts_shards_fill_one_buffer_through_the_server(client_env, tmp_path):
     common = ["--dataset", "fashion-mnist", "--val-size", "100", "--budget", "quick", "--model", "convnet-w8",
               "--num-experts", "2", "--epochs", "2"]
-    shards = finish_all(start(client_env, tmp_path, "experts", *common, "--shard", "0/2"),
-                        start(client_env, tmp_path, "experts", *common, "--shard", "1/2"))
-    runs = [run_id_of(o) for o in shards]
-    distilled = finish_all(start(client_env, tmp_path, "distill", "--experts-run", ",".join(runs), "--dataset",
+    shards = finish(start_kdd("experts", *common, "--shard", "0/2", cwd=tmp_path, env=client_env),
+                    start_kdd("experts", *common, "--shard", "1/2", cwd=tmp_path, env=client_env))
+    distilled = finish(start_kdd("distill", "--experts-run", ",".join(s.run_id for s in shards), "--dataset",
                                  "fashion-mnist", "--budget", "quick", "--ipc", "1", "--iterations", "2",
                                  "--syn-steps", "2", "--expert-epochs", "1", "--max-start-epoch", "1",
-                                 "--eval-every", "2", "--num-eval", "1", "--eval-epochs", "3"))
-    distill = mlflow.get_run(run_id_of(distilled[0]))
+                                 "--eval-every", "2", "--num-eval", "1", "--eval-epochs", "3",
+                                 cwd=tmp_path, env=client_env))
+    distill = mlflow.get_run(distilled[0].run_id)
     assert distill.info.status == "FINISHED" and distill.data.params["experts"] == "2"
     assert distill.info.artifact_uri.startswith("mlflow-artifacts:")  # served by the tracking server
     assert (tmp_path / "mlruns").exists() is False  # nothing fell back to a local store
-    assert_no_secret(*(o[1] for o in (*shards, *distilled)))
+    assert_no_secret(*(f.out + f.err for f in (*shards, *distilled)))
 
 
 def test_two_tuning_workers_share_one_study_on_postgres(team, client_env, tmp_path):
@@ -109,13 +92,13 @@ def test_two_tuning_workers_share_one_study_on_postgres(team, client_env, tmp_pa
             "--lr-teacher", "0.01", "--lr-lr", "1e-5", "--temperature", "1:8", "--teacher-model", "convnet-w16",
             "--student-model", "convnet-w8", "--overrides", TINY, "--env-manager", "local", "--n-trials", "2",
             "--study-name", "team", "--load-if-exists", "true", "--pruner", "none", "--heartbeat", "5"]
-    outputs = finish_all(start(client_env, tmp_path, *args, "--storage", with_password),
-                         start(client_env, tmp_path, *args, "--storage", pg.url("optuna")))
+    outputs = finish(start_kdd(*args, "--storage", with_password, cwd=tmp_path, env=client_env),
+                     start_kdd(*args, "--storage", pg.url("optuna"), cwd=tmp_path, env=client_env))
 
     storage = optuna.storages.RDBStorage(pg.url("optuna"))
     study = optuna.load_study(study_name="team", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
-    workers = [mlflow.get_run(run_id_of(o)) for o in outputs]
+    workers = [mlflow.get_run(f.run_id) for f in outputs]
     assert sum(int(w.data.metrics["trials_run_here"]) for w in workers) == 2
     assert sorted(w.data.tags["kdd.role"] for w in workers) == ["study", "worker"]
     # the password given in the URL is masked in the params, the other URL had none to mask
@@ -125,7 +108,7 @@ def test_two_tuning_workers_share_one_study_on_postgres(team, client_env, tmp_pa
     trials = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=(
         f"tags.`mlflow.parentRunId` = '{study_run}' and tags.`kdd.stage` = 'trial'"))
     assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
-    assert_no_secret(*(text for o in outputs for text in o))
+    assert_no_secret(*(f.out + f.err for f in outputs))
 
 
 def test_wrong_credentials_are_refused_in_one_line(client_env, tmp_path):
