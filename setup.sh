@@ -29,6 +29,18 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $($python --version)"
     "$python" -m venv .venv
 fi
+# A first install downloads PyTorch with its CUDA libraries (about 6.5 GB in .venv, plus pip's build
+# space): refuse at once, with one line, rather than fail half-way with ENOSPC.
+if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
+    need_kb=$((8 * 1024 * 1024))
+    for dir in . "${TMPDIR:-/tmp}"; do
+        free_kb=$(df -Pk "$dir" | awk 'NR==2 {print $4}')
+        if [ "$free_kb" -lt "$need_kb" ]; then
+            echo "setup: needs about 8 GB free for PyTorch; $dir has $((free_kb / 1024)) MB free" >&2
+            exit 1
+        fi
+    done
+fi
 extra=""
 [ $dev = 1 ] && extra="[dev]"
 .venv/bin/python -m pip install --quiet --upgrade pip
