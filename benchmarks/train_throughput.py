@@ -8,6 +8,7 @@ a fixed slice per step, forward, loss, backward, SGD step, nothing else. ``kdd_m
 shuffling, the learning-rate schedule, on-device loss and accuracy sums read once per epoch, and (for
 KD) the teacher's forward pass, which the bare KD step does too. The ratio is fit / bare.
 
+``--precisions`` repeats the comparison with both under bf16 autocast (``fit``'s ``precision="bf16"``).
 ``--variants`` also times the bare supervised step under channels_last memory format, bf16 autocast
 and torch.compile, each against the plain bare step: the loops adopt one only where it helps on the
 device at hand.
@@ -56,13 +57,13 @@ def bare(model, teacher, loss_fn, x_all, y_all, batch_size, epochs, device, bf16
     return time.perf_counter() - t0
 
 
-def ours(model, teacher, loss_fn, x_all, y_all, batch_size, epochs, device) -> float:
+def ours(model, teacher, loss_fn, x_all, y_all, batch_size, epochs, device, precision: str = "fp32") -> float:
     split = data.Split(x_all, y_all)
     objective = kd.kd_objective(teacher, loss_fn) if teacher is not None else None
     sync(device)
     t0 = time.perf_counter()
-    fit(model, split, SGDRecipe(epochs, batch_size, 0.01, schedule="cosine"), torch.Generator().manual_seed(0),
-        progress=False, objective=objective)
+    fit(model, split, SGDRecipe(epochs, batch_size, 0.01, schedule="cosine", precision=precision),
+        torch.Generator().manual_seed(0), progress=False, objective=objective)
     sync(device)
     return time.perf_counter() - t0
 
@@ -78,7 +79,9 @@ def ours(model, teacher, loss_fn, x_all, y_all, batch_size, epochs, device) -> f
 @click.option("--device", default="auto", show_default=True)
 @click.option("--variants", default="channels_last,bf16,compile", show_default=True,
               help="bare-step variants to time against the plain bare step ('' for none)")
-def main(dataset, model, teacher, images, batch_size, epochs, repeats, device, variants):
+@click.option("--precisions", default="fp32,bf16", show_default=True,
+              help="precisions of the fit-against-bare comparison (fit's --precision; the bare step autocasts alike)")
+def main(dataset, model, teacher, images, batch_size, epochs, repeats, device, variants, precisions):
     meta = data.info(dataset)
     dev = pick_device(device)
     torch.manual_seed(0)
@@ -89,15 +92,20 @@ def main(dataset, model, teacher, images, batch_size, epochs, repeats, device, v
     loss_fn = kd.create_loss("hinton", temperature=2.0, alpha=0.5)
     out = {"dataset": dataset, "model": model, "teacher": teacher, "images": images, "batch_size": batch_size,
            "epochs": epochs, "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    for loop, t in (("supervised", None), ("kd", t_net)):
-        best = {"bare": float("inf"), "fit": float("inf")}
-        bare(make(model), t, loss_fn, x, y, batch_size, 1, dev)  # warm-up
-        for _ in range(repeats):
-            best["bare"] = min(best["bare"], bare(make(model), t, loss_fn, x, y, batch_size, epochs, dev))
-            best["fit"] = min(best["fit"], ours(make(model), t, loss_fn, x, y, batch_size, epochs, dev))
-        n = images * epochs
-        out[loop] = {"bare_images_per_s": round(n / best["bare"], 1), "fit_images_per_s": round(n / best["fit"], 1),
-                     "ratio": round(best["bare"] / best["fit"], 3)}
+    for precision in [p for p in precisions.split(",") if p]:
+        if precision not in ("fp32", "bf16"):
+            raise click.BadParameter(f"unknown precision {precision!r}; choose fp32 or bf16")
+        bf16 = precision == "bf16"
+        for loop, t in (("supervised", None), ("kd", t_net)):
+            best = {"bare": float("inf"), "fit": float("inf")}
+            bare(make(model), t, loss_fn, x, y, batch_size, 1, dev, bf16)  # warm-up
+            for _ in range(repeats):
+                best["bare"] = min(best["bare"], bare(make(model), t, loss_fn, x, y, batch_size, epochs, dev, bf16))
+                best["fit"] = min(best["fit"], ours(make(model), t, loss_fn, x, y, batch_size, epochs, dev, precision))
+            n = images * epochs
+            out[f"{loop}_{precision}"] = {"bare_images_per_s": round(n / best["bare"], 1),
+                                          "fit_images_per_s": round(n / best["fit"], 1),
+                                          "ratio": round(best["bare"] / best["fit"], 3)}
     out["variants"] = time_variants([v for v in variants.split(",") if v], make, model, x, y, batch_size, epochs,
                                     repeats, dev)
     print(json.dumps(out, indent=2))

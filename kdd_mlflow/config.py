@@ -46,7 +46,21 @@ class StageConfig(CommonConfig):
     seed: int = Field(0, ge=0, description="seed for every random draw of the run")
 
 
-class TrainConfig(StageConfig):
+Precision = Literal["fp32", "bf16"]
+
+
+def precision_field() -> Precision:
+    return Field("fp32", description="arithmetic of the training loops: fp32, or bf16 autocast (weights, SGD and "
+                                     "MTT's unrolled steps stay float32; see README, Performance)")
+
+
+class TrainingConfig(StageConfig):
+    """Stages that train networks."""
+
+    precision: Precision = precision_field()
+
+
+class TrainConfig(TrainingConfig):
     """Supervised training of one model on real data (teachers and baselines)."""
 
     model: str = Field("convnet", description="registry name, e.g. convnet, convnet-w32, resnet18")
@@ -101,7 +115,7 @@ def parse_shard(shard: str | None, num_experts: int) -> list[int]:
     return list(range(a, min(b, num_experts)))
 
 
-class ExpertsConfig(StageConfig):
+class ExpertsConfig(TrainingConfig):
     """Expert trajectories for MTT: N networks trained on real data, parameters saved every epoch.
 
     Unset values come from the budget (quick or paper) and are logged as ``budget.*`` params.
@@ -144,7 +158,7 @@ class ExpertsConfig(StageConfig):
         return v
 
 
-class DistillConfig(StageConfig):
+class DistillConfig(TrainingConfig):
     """MTT distillation of a synthetic set from one or more experts runs.
 
     Unset values come from the budget (the published table for CIFAR at ipc 1/10/50) and are logged
@@ -242,7 +256,7 @@ def resolve(cfg: BaseModel, table: dict) -> tuple[BaseModel, dict]:
     return cfg.model_copy(update=filled), filled
 
 
-class SGDStageConfig(StageConfig):
+class SGDStageConfig(TrainingConfig):
     """Stages that train one network with SGD; unset values come from the budget and the training set
     (the full real data, or a small set: synthetic or a random subset)."""
 
@@ -368,6 +382,7 @@ class PipelineConfig(CommonConfig):
     student_model: str | None = Field(None, description="student architecture (default: the budget's)")
     overrides: str = Field("", description="stage or arm parameters, e.g. distill.iterations=500,teacher-full.epochs=5")
     env_manager: str = Field("auto", description="environment manager of the stage runs (auto: the parent's)")
+    precision: Precision = precision_field()
 
     @field_validator("teacher_model", "student_model")
     @classmethod

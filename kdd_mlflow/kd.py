@@ -148,8 +148,8 @@ class FeatureHintLoss(HintonLoss):
             mapped = self.adapter(fs)
             if mapped.shape[-2:] != ft.shape[-2:]:
                 mapped = F.adaptive_avg_pool2d(mapped, ft.shape[-2:])
-            return F.mse_loss(mapped, ft)
-        return F.mse_loss(self.adapter(fs.flatten(1)), ft.flatten(1))
+            return F.mse_loss(mapped.float(), ft.float())
+        return F.mse_loss(self.adapter(fs.flatten(1)).float(), ft.flatten(1).float())
 
     def forward(self, student_logits, teacher_logits, hard_ce):
         return super().forward(student_logits, teacher_logits, hard_ce) + self.beta * self.hint()
@@ -174,8 +174,8 @@ def kd_objective(teacher: nn.Module, loss: KDLoss, augment: str = "none", dsa: D
             perm = torch.randperm(len(x), generator=generator).to(x.device)
             x = lam * x + (1 - lam) * x[perm]
         with torch.no_grad():
-            teacher_logits = teacher(x)
-        logits = student(x)
+            teacher_logits = teacher(x).float()
+        logits = student(x).float()  # losses in float32, also under bf16 autocast
         if augment == "mixup":
             hard = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
         else:

@@ -199,7 +199,7 @@ def run(cfg: CombinedConfig) -> str:
                         {f for f in cfg.force.split(",") if f}, cfg.override_map)
         mlflow.set_tag("kdd.env_manager", runner.env_manager)
         common = {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "device": cfg.device, "val_size": cfg.val_size,
-                  "train_limit": cfg.train_limit, "budget": budget}
+                  "train_limit": cfg.train_limit, "budget": budget, "precision": cfg.precision}
         kd_common = {**common, "student": student_model, "temperature": cfg.temperature, "alpha": cfg.alpha}
         arms = selected_with_needs(cfg.arm_list)
         started = time.perf_counter()

@@ -24,7 +24,7 @@ def supervised(augment: DSA | None = None) -> Objective:
     def objective(model, x, y, generator):
         if augment is not None:
             x = augment(x, generator)
-        logits = model(x)
+        logits = model(x).float()  # the loss in float32, also under bf16 autocast
         return F.cross_entropy(logits, y), logits
 
     return objective
@@ -40,6 +40,10 @@ class SGDRecipe:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # cosine | step (x0.1 at half-time, as the MTT evaluation) | constant
+    precision: str = "fp32"  # fp32 | bf16: forward passes under bf16 autocast; weights and SGD stay float32
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
         total = self.epochs * steps_per_epoch
@@ -93,7 +97,8 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.long)
         for idx in batches(len(train), recipe.batch_size, generator, device):
             x, y = train.images[idx], train.labels[idx]
-            loss, logits = objective(model, x, y, generator)
+            with recipe.autocast(device):
+                loss, logits = objective(model, x, y, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -274,7 +274,7 @@ class Objective:
 
 def stage_common(cfg: TuneConfig, budget: str) -> dict[str, object]:
     return {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "device": cfg.device, "val_size": cfg.val_size,
-            "train_limit": cfg.train_limit, "budget": budget, "seed": cfg.seed}
+            "train_limit": cfg.train_limit, "budget": budget, "seed": cfg.seed, "precision": cfg.precision}
 
 
 # --- the study run ------------------------------------------------------------------------------------------

@@ -12,14 +12,16 @@ from kdd_mlflow.data import DatasetInfo, Split
 from kdd_mlflow.train import SGDRecipe, evaluate, fit
 
 
-def eval_recipe(lr: float, epochs: int, batch_size: int = 256) -> SGDRecipe:
+def eval_recipe(lr: float, epochs: int, batch_size: int = 256, precision: str = "fp32") -> SGDRecipe:
     """The MTT evaluation protocol: SGD momentum 0.9, weight decay 5e-4, lr x0.1 at half-time."""
-    return SGDRecipe(epochs=epochs, batch_size=batch_size, lr=lr, momentum=0.9, weight_decay=5e-4, schedule="step")
+    return SGDRecipe(epochs=epochs, batch_size=batch_size, lr=lr, momentum=0.9, weight_decay=5e-4, schedule="step",
+                     precision=precision)
 
 
 def evaluate_set(
     train: Split | Callable[[int], Split], model_name: str, meta: DatasetInfo, measure_on: Split, lr: float,
     epochs: int, num_nets: int, seed: int, augment: bool = True, progress: str | bool = False,
+    precision: str = "fp32",
 ) -> list[float]:
     """Accuracy on ``measure_on`` of ``num_nets`` fresh ``model_name`` networks trained on ``train``.
 
@@ -34,7 +36,7 @@ def evaluate_set(
         train_k = train(k) if callable(train) else train
         device = train_k.images.device
         model = models.create(model_name, meta.channels, meta.num_classes, meta.image_size).to(device)
-        fit(model, train_k, eval_recipe(lr, epochs), generator, augment=DSA() if augment else None,
+        fit(model, train_k, eval_recipe(lr, epochs, precision=precision), generator, augment=DSA() if augment else None,
             progress=f"{progress} net {k + 1}/{num_nets}" if progress else False)
         accs.append(evaluate(model, measure_on)["acc"])
     return accs

@@ -130,7 +130,8 @@ def run(asked: DistillConfig) -> str:
         def evaluate_now(iteration: int) -> None:
             t0 = time.perf_counter()
             accs = evaluate_set(data.Split(syn.images.detach(), syn.labels), cfg.eval_model, meta, val,
-                                syn.syn_lr.item(), cfg.eval_epochs, cfg.num_eval, seed=cfg.seed + iteration)
+                                syn.syn_lr.item(), cfg.eval_epochs, cfg.num_eval, seed=cfg.seed + iteration,
+                                precision=cfg.precision)
             mean, std = mean_std(accs)
             mlflow.log_metrics({"val_acc": mean, "val_acc_std": std}, step=iteration)
             if mean > state["best_val"]:
@@ -209,12 +210,12 @@ def finish(cfg: DistillConfig, real: data.RealData, zca: data.ZCA | None, state:
     lr = float(state["best_lr"])
     test = real.test.to(device)
     syn_accs = evaluate_set(best, cfg.eval_model, meta, test, lr, cfg.eval_epochs, cfg.num_eval,
-                            seed=cfg.seed + 10**6, progress="test synthetic")
+                            seed=cfg.seed + 10**6, progress="test synthetic", precision=cfg.precision)
     def subset(k: int) -> data.Split:  # a different random real subset for each baseline network
         return real.random_subset(cfg.ipc, torch.Generator().manual_seed(cfg.seed * 1000 + k + 1)).to(device)
 
     real_accs = evaluate_set(subset, cfg.eval_model, meta, test, cfg.lr_teacher, cfg.eval_epochs, cfg.num_eval,
-                             seed=cfg.seed + 10**6, progress="test random subset")
+                             seed=cfg.seed + 10**6, progress="test random subset", precision=cfg.precision)
     (syn_mean, syn_std), (real_mean, real_std) = mean_std(syn_accs), mean_std(real_accs)
     mlflow.log_metrics({"test_acc_mean": syn_mean, "test_acc_std": syn_std, "random_subset_test_acc_mean": real_mean,
                         "random_subset_test_acc_std": real_std, "test_acc_gain": syn_mean - real_mean,

@@ -70,7 +70,8 @@ def run(asked: ExpertsConfig) -> str:
         log.info("experts run %s: %d of this shard's %d experts to train (%s budget)", run_id, len(todo),
                  len(mine), budget)
         train, test = real.train.to(device), real.test.to(device)
-        recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr_teacher, cfg.momentum, cfg.weight_decay, "constant")
+        recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr_teacher, cfg.momentum, cfg.weight_decay, "constant",
+                           cfg.precision)
         augment = DSA() if cfg.augment == "dsa" else None
         started = time.perf_counter()
         for n, k in enumerate(tqdm(todo, desc="experts"), start=1):

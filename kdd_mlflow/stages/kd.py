@@ -84,7 +84,8 @@ def run(asked: KDConfig) -> str:
                             resolved=cfg, tags={"kdd.transfer": cfg.transfer}) as active:
         tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()},
                              "teacher_model": teacher_spec["model"]})
-        recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule)
+        recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule,
+                           cfg.precision)
         transfer_on_device = transfer.to(device)
         with loss.attach(student, teacher, example=transfer_on_device.images[:2]):
             train_and_log(student, cfg.student, transfer_on_device, real, recipe, generator, device,

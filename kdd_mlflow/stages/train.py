@@ -63,7 +63,8 @@ def run(cfg: TrainConfig) -> str:
     meta = real.info
     with tracking.stage_run("train", cfg, run_name=f"train-{cfg.model}-{cfg.dataset}") as active:
         model = models.create(cfg.model, meta.channels, meta.num_classes, meta.image_size).to(device)
-        recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule)
+        recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule,
+                           cfg.precision)
         train_and_log(model, cfg.model, real.train, real, recipe, generator, device, cfg.augment)
         return active.info.run_id
 
@@ -106,6 +107,7 @@ def run_teacher(asked: TeacherConfig) -> str:
                             tags={"kdd.source": source}) as active:
         tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()}})
         model = models.create(cfg.model, meta.channels, meta.num_classes, meta.image_size).to(device)
-        recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule)
+        recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule,
+                           cfg.precision)
         train_and_log(model, cfg.model, transfer, real, recipe, generator, device, cfg.augment, zca=zca)
         return active.info.run_id
