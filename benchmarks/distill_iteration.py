@@ -38,7 +38,13 @@ def peak_rss_mib() -> float:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--augment/--no-augment", default=True, show_default=True)
 @click.option("--matching", type=click.Choice(MODES), default="unrolled", show_default=True)
-def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment, matching):
+@click.option("--memory-limit-gib", type=float, default=None,
+              help="CPU: cap the process's data segment (RLIMIT_DATA), so that a point too big for the machine "
+                   "fails with an allocation error instead of waking the kernel's OOM killer")
+def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment, matching, memory_limit_gib):
+    if memory_limit_gib is not None:
+        cap = int(memory_limit_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
     meta = data.info(dataset)
     dev = pick_device(device)
     torch.manual_seed(0)
@@ -55,7 +61,12 @@ def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment,
     aug = DSA() if augment else None
 
     baseline = peak_rss_mib()
-    mtt_iteration(syn, student, start, target, unroll, aug, gen, matching)  # warm-up
+    try:
+        mtt_iteration(syn, student, start, target, unroll, aug, gen, matching)  # warm-up
+    except (RuntimeError, MemoryError) as exc:
+        if memory_limit_gib is None or "allocate" not in str(exc) and not isinstance(exc, MemoryError):
+            raise
+        raise SystemExit(f"out of memory: needs more than the {memory_limit_gib:g} GiB limit") from None
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -48,22 +48,35 @@ def memory(r: dict) -> float | None:
 @click.option("--iterations", default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--timeout", default=1800.0, show_default=True, help="seconds per point")
+@click.option("--memory-limit-gib", type=float, default=None,
+              help="CPU: a point needing more fails as out of memory (passed to distill_iteration.py)")
 @click.option("--out", default=str(HERE / "results"), show_default=True)
-def main(syn_steps, modes, dataset, model, ipc, iterations, device, timeout, out):
-    args = ["--dataset", dataset, "--model", model, "--ipc", str(ipc), "--iterations", str(iterations),
-            "--device", device]
-    results = []
-    for steps in [int(s) for s in syn_steps.split(",")]:
-        for mode in modes.split(","):
-            r = measure(mode, steps, args, timeout)
-            results.append(r)
-            print(json.dumps({k: r.get(k) for k in ("matching", "syn_steps", "seconds_per_iteration",
-                                                     "rss_growth_mib", "peak_cuda_mib", "error")}), flush=True)
+@click.option("--from-json", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="measure nothing: redraw the figure and table of an earlier run's JSON")
+def main(syn_steps, modes, dataset, model, ipc, iterations, device, timeout, memory_limit_gib, out, from_json):
+    if from_json:
+        saved = json.loads(Path(from_json).read_text())
+        results, memory_limit_gib = saved["points"], saved.get("memory_limit_gib")
+        dataset, model, ipc = saved["dataset"], saved["model"], saved["ipc"]
+        modes = ",".join(dict.fromkeys(r["matching"] for r in results))
+    else:
+        args = ["--dataset", dataset, "--model", model, "--ipc", str(ipc), "--iterations", str(iterations),
+                "--device", device]
+        if memory_limit_gib is not None:
+            args += ["--memory-limit-gib", str(memory_limit_gib)]
+        results = []
+        for steps in [int(s) for s in syn_steps.split(",")]:
+            for mode in modes.split(","):
+                r = measure(mode, steps, args, timeout)
+                results.append(r)
+                print(json.dumps({k: r.get(k) for k in ("matching", "syn_steps", "seconds_per_iteration",
+                                                         "rss_growth_mib", "peak_cuda_mib", "error")}), flush=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device_name = next((r["device"] for r in results if "device" in r), device)
     stem = f"matching_{dataset}_{model}_ipc{ipc}_{device_name.split(':')[0]}"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{stem}.json").write_text(json.dumps({"dataset": dataset, "model": model, "ipc": ipc,
+                                                  "memory_limit_gib": memory_limit_gib, "points": results}, indent=2))
 
     mem_name = "peak CUDA MiB" if any("peak_cuda_mib" in r for r in results) else "peak RSS growth MiB"
     fig = make_subplots(rows=1, cols=2, subplot_titles=("seconds per iteration", mem_name))
@@ -89,7 +102,12 @@ def main(syn_steps, modes, dataset, model, ipc, iterations, device, timeout, out
                 continue
             t_ratio = (f"{r['seconds_per_iteration'] / base['seconds_per_iteration']:.2f}"
                        if "seconds_per_iteration" in base else "-")
-            m_ratio = f"{memory(r) / memory(base):.2f}" if memory(base) else "-"
+            if memory(base):
+                m_ratio = f"{memory(r) / memory(base):.2f}"
+            elif "out of memory" in base.get("error", "") and memory_limit_gib:
+                m_ratio = f"< {memory(r) / (memory_limit_gib * 1024):.3f}"  # unrolled needs more than the limit
+            else:
+                m_ratio = "-"
             print(f"| {steps} | {mode} | {r['seconds_per_iteration']:.2f} | {memory(r):.0f} | {t_ratio} | {m_ratio} |")
 
 
