@@ -15,8 +15,8 @@ import torch
 from kdd_mlflow import config, data, kd, metrics, models, tracking
 from kdd_mlflow.config import KDConfig
 from kdd_mlflow.runtime import pick_device, seed_everything
-from kdd_mlflow.stages.train import resolve_by_source, small_set_source, train_and_log
-from kdd_mlflow.train import SGDRecipe, predict_logits
+from kdd_mlflow.stages.train import resolve_by_source, sgd_recipe, small_set_source, train_and_log
+from kdd_mlflow.train import predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,7 @@ def run(asked: KDConfig) -> str:
                             resolved=cfg, tags={"kdd.transfer": cfg.transfer}) as active:
         tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()},
                              "teacher_model": teacher_spec["model"]})
-        recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule,
-                           cfg.precision)
+        recipe = sgd_recipe(cfg)
         transfer_on_device = transfer.to(device)
         with loss.attach(student, teacher, example=transfer_on_device.images[:2]):
             train_and_log(student, cfg.student, transfer_on_device, real, recipe, generator, device,

@@ -11,7 +11,7 @@ from torch import nn
 
 from kdd_mlflow import config, data, metrics, models, tracking
 from kdd_mlflow.augment import DSA
-from kdd_mlflow.config import TeacherConfig, TrainConfig
+from kdd_mlflow.config import SGDStageConfig, TeacherConfig, TrainConfig
 from kdd_mlflow.runtime import pick_device, seed_everything
 from kdd_mlflow.train import Objective, SGDRecipe, fit, predict_logits
 
@@ -25,6 +25,11 @@ def model_spec(name: str, meta: data.DatasetInfo) -> dict:
         "num_classes": meta.num_classes, "image_size": meta.image_size,
         "mean": list(meta.mean), "std": list(meta.std),
     }
+
+
+def sgd_recipe(cfg: TrainConfig | SGDStageConfig) -> SGDRecipe:
+    """The SGD recipe a training stage's (resolved) config asks for."""
+    return SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.precision)
 
 
 def train_and_log(model: nn.Module, model_name: str, transfer: data.Split, real: data.RealData, recipe: SGDRecipe,
@@ -63,8 +68,7 @@ def run(cfg: TrainConfig) -> str:
     meta = real.info
     with tracking.stage_run("train", cfg, run_name=f"train-{cfg.model}-{cfg.dataset}") as active:
         model = models.create(cfg.model, meta.channels, meta.num_classes, meta.image_size).to(device)
-        recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule,
-                           cfg.precision)
+        recipe = sgd_recipe(cfg)
         train_and_log(model, cfg.model, real.train, real, recipe, generator, device, cfg.augment)
         return active.info.run_id
 
@@ -107,7 +111,6 @@ def run_teacher(asked: TeacherConfig) -> str:
                             tags={"kdd.source": source}) as active:
         tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()}})
         model = models.create(cfg.model, meta.channels, meta.num_classes, meta.image_size).to(device)
-        recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule,
-                           cfg.precision)
+        recipe = sgd_recipe(cfg)
         train_and_log(model, cfg.model, transfer, real, recipe, generator, device, cfg.augment, zca=zca)
         return active.info.run_id
