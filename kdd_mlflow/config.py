@@ -97,13 +97,6 @@ def one_line(error: ValidationError) -> str:
 Budget = Literal["auto", "quick", "paper"]
 
 
-def pick_budget(budget: str, device_type: str) -> str:
-    """``auto`` means the published settings on a GPU and the quick ones elsewhere."""
-    if budget != "auto":
-        return budget
-    return "paper" if device_type == "cuda" else "quick"
-
-
 def parse_shard(shard: str | None, num_experts: int) -> list[int]:
     """Expert indices of a shard: ``i/n`` (every n-th from i), ``a:b`` (a range), or all."""
     if not shard:
@@ -205,57 +198,6 @@ class DistillConfig(TrainingConfig):
         return self.experts_run.split(",")
 
 
-# The published MTT settings (Cazenavette et al., CVPR 2022, supplementary table of hyper-parameters):
-# (dataset, ipc) -> syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr, lr_teacher, batch_syn, zca.
-# CIFAR-10 ipc 10 lists lr_img 1e5 there; its authors confirmed that is a typo (the reference repository's
-# issue 31: it explodes), and 1e3 is what trains stably, so 1e3 is used.
-PAPER_DISTILL: dict[tuple[str, int], dict] = {
-    ("cifar10", 1): dict(syn_steps=50, expert_epochs=2, max_start_epoch=2, lr_img=1e3, lr_lr=1e-7,
-                         lr_teacher=1e-2, batch_syn=None, zca=True),
-    ("cifar10", 10): dict(syn_steps=30, expert_epochs=2, max_start_epoch=20, lr_img=1e3, lr_lr=1e-5,
-                          lr_teacher=1e-2, batch_syn=None, zca=True),
-    ("cifar10", 50): dict(syn_steps=30, expert_epochs=2, max_start_epoch=40, lr_img=1e2, lr_lr=1e-5,
-                          lr_teacher=1e-2, batch_syn=None, zca=False),
-    ("cifar100", 1): dict(syn_steps=20, expert_epochs=3, max_start_epoch=20, lr_img=1e3, lr_lr=1e-5,
-                          lr_teacher=1e-2, batch_syn=None, zca=True),
-    ("cifar100", 10): dict(syn_steps=20, expert_epochs=2, max_start_epoch=20, lr_img=1e3, lr_lr=1e-5,
-                           lr_teacher=1e-2, batch_syn=None, zca=False),
-    ("cifar100", 50): dict(syn_steps=80, expert_epochs=2, max_start_epoch=40, lr_img=1e3, lr_lr=1e-5,
-                           lr_teacher=1e-2, batch_syn=125, zca=True),
-}
-# MNIST and Fashion-MNIST are not in the MTT paper: CIFAR-10's unrolling without ZCA, with a pixel
-# learning rate for un-whitened [0,1]-normalised inputs.
-for _name in ("mnist", "fashion-mnist"):
-    PAPER_DISTILL[(_name, 1)] = dict(syn_steps=50, expert_epochs=2, max_start_epoch=2, lr_img=1e2, lr_lr=1e-7,
-                                     lr_teacher=1e-2, batch_syn=None, zca=False)
-    PAPER_DISTILL[(_name, 10)] = dict(syn_steps=30, expert_epochs=2, max_start_epoch=20, lr_img=1e2, lr_lr=1e-5,
-                                      lr_teacher=1e-2, batch_syn=None, zca=False)
-    PAPER_DISTILL[(_name, 50)] = dict(syn_steps=30, expert_epochs=2, max_start_epoch=40, lr_img=1e2, lr_lr=1e-5,
-                                      lr_teacher=1e-2, batch_syn=None, zca=False)
-
-PAPER_EXPERTS = dict(model="convnet", num_experts=100, epochs=50, lr_teacher=1e-2)
-PAPER_RUN = dict(iterations=5000, eval_every=500, num_eval=5, eval_epochs=1000, checkpoint_every=100)
-
-# Quick: 2 CPU cores, minutes. A narrow ConvNet (16x fewer multiply-adds than W128), few short experts on
-# a subset, short unrolls.
-QUICK_EXPERTS = dict(model="convnet-w32", num_experts=3, epochs=6, lr_teacher=1e-2, train_limit=10000, zca=False)
-QUICK_DISTILL = dict(syn_steps=10, expert_epochs=2, max_start_epoch=4, lr_img=1e2, lr_lr=1e-5, lr_teacher=1e-2,
-                     batch_syn=None, iterations=100, eval_every=50, num_eval=3, eval_epochs=200,
-                     checkpoint_every=25)
-
-
-def paper_distill_row(dataset: str, ipc: int) -> tuple[int, dict]:
-    """The published row for the nearest ipc (1, 10 or 50)."""
-    nearest = min((1, 10, 50), key=lambda k: abs(k - ipc))
-    return nearest, dict(PAPER_DISTILL[(dataset, nearest)])
-
-
-def resolve(cfg: BaseModel, table: dict) -> tuple[BaseModel, dict]:
-    """A copy of ``cfg`` with every unset field that ``table`` names filled in, and what was filled."""
-    filled = {k: v for k, v in table.items() if k in type(cfg).model_fields and getattr(cfg, k) is None}
-    return cfg.model_copy(update=filled), filled
-
-
 class SGDStageConfig(TrainingConfig):
     """Stages that train one network with SGD; unset values come from the budget and the training set
     (the full real data, or a small set: synthetic or a random subset)."""
@@ -343,21 +285,6 @@ class EvaluateConfig(StageConfig):
         return [r.strip() for r in self.runs.split(",") if r.strip()]
 
 
-# Quick teacher: a ConvNet twice as wide as the student (3.2x its parameters); W64 trains 3.5x slower on
-# 2 cores and does not fit the combined pipeline's 20 minutes.
-QUICK_TEACHER = {"real": dict(model="convnet-w32", epochs=3, lr=0.05, schedule="cosine", augment="none"),
-                 "small": dict(model="convnet-w32", epochs=200, lr=0.01, schedule="step", augment="dsa")}
-PAPER_TEACHER = {"real": dict(model="resnet18", epochs=100, lr=0.05, schedule="cosine", augment="dsa"),
-                 "small": dict(model="resnet18", epochs=1000, lr=0.01, schedule="step", augment="dsa")}
-QUICK_KD = {"real": dict(student="convnet-w16", epochs=3, lr=0.05, schedule="cosine", augment="none"),
-            "small": dict(student="convnet-w16", epochs=200, lr=0.01, schedule="step", augment="dsa")}
-# A teacher trained on the transfer set itself (with DSA) has been fitted to its DSA views, so its labels
-# there add little to the hard labels; on mixed pairs it has not seen, they do (README, Knowledge distillation).
-OWN_SET_AUGMENT = "mixup"
-PAPER_KD = {"real": dict(student="convnet-w32", epochs=100, lr=0.05, schedule="cosine", augment="dsa"),
-            "small": dict(student="convnet-w32", epochs=1000, lr=0.01, schedule="step", augment="dsa")}
-
-
 ARMS = {
     "teacher-full": "teacher trained on the full real training set (the reference for fidelity)",
     "student-full": "student trained on the full real training set (hard labels)",
@@ -405,11 +332,6 @@ class PipelineConfig(CommonConfig):
     @property
     def override_map(self) -> dict[str, dict[str, str]]:
         return parse_overrides(self.overrides)
-
-    def models_for(self, budget: str) -> tuple[str, str]:
-        """Teacher and student architectures: as given, else the budget's (real-data) defaults."""
-        teacher, kd = (PAPER_TEACHER, PAPER_KD) if budget == "paper" else (QUICK_TEACHER, QUICK_KD)
-        return self.teacher_model or teacher["real"]["model"], self.student_model or kd["real"]["student"]
 
 
 class CombinedConfig(PipelineConfig):

@@ -26,7 +26,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
-from kdd_mlflow import config, data, metrics, report, tracking
+from kdd_mlflow import budgets, config, data, metrics, report, tracking
 from kdd_mlflow.config import CombinedConfig, DistillConfig, ExpertsConfig, KDConfig, PipelineConfig, TeacherConfig
 from kdd_mlflow.runtime import first_line, pick_device
 
@@ -156,19 +156,20 @@ def failure_reason(exc: Exception) -> str:
     return first_line(exc)
 
 
-def prepare(cfg: PipelineConfig) -> tuple[torch.device, str]:
-    """What a command that runs stages checks before any run; returns the device and the resolved budget.
+def prepare(cfg: PipelineConfig) -> tuple[torch.device, budgets.Resolved]:
+    """What a command that runs stages checks before any run; returns the device and ``cfg`` resolved
+    against its budget (which fills in the teacher and student architectures).
 
     The data must be there (fail at once otherwise) and the MLproject file found; with the local
     environment manager, stages run ``python -m ...``, which must be this interpreter.
     """
     device = pick_device(cfg.device)
-    budget = config.pick_budget(cfg.budget, device.type)
+    resolved = budgets.resolve(cfg, device.type)
     data.resolve(cfg.dataset, cfg.data_dir)
     project_dir()
     if cfg.env_manager in ("auto", "local"):
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return device, budget
+    return device, resolved
 
 
 def resolve_env_manager(requested: str) -> str:
@@ -190,11 +191,10 @@ def selected_with_needs(arms: list[str]) -> list[str]:
 
 def run(cfg: CombinedConfig) -> str:
     """Run the whole comparison; return the parent run id."""
-    device, budget = prepare(cfg)
-    teacher_model, student_model = cfg.models_for(budget)
+    device, resolved = prepare(cfg)
+    budget, teacher_model, student_model = resolved.budget, resolved.cfg.teacher_model, resolved.cfg.student_model
     with tracking.stage_run("combined", cfg, run_name=f"combined-{cfg.dataset}-ipc{cfg.ipc}") as parent:
-        tracking.log_params({"budget.resolved": budget, "budget.teacher_model": teacher_model,
-                             "budget.student_model": student_model})
+        budgets.log_resolved(resolved)
         runner = Runner(parent.info.experiment_id, resolve_env_manager(cfg.env_manager),
                         {f for f in cfg.force.split(",") if f}, cfg.override_map)
         mlflow.set_tag("kdd.env_manager", runner.env_manager)

@@ -31,7 +31,7 @@ import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
-from kdd_mlflow import config, pipeline, report, tracking
+from kdd_mlflow import budgets, config, pipeline, report, tracking
 from kdd_mlflow.config import Dimension, TuneConfig
 from kdd_mlflow.runtime import first_line
 
@@ -214,11 +214,10 @@ class Reporter:
 class Objective:
     """One trial: the proposal arm's stages as children of the trial's MLflow run."""
 
-    def __init__(self, cfg: TuneConfig, budget: str, study_run: str, worker_run: str, experiment_id: str,
+    def __init__(self, resolved: budgets.Resolved[TuneConfig], study_run: str, worker_run: str, experiment_id: str,
                  env_manager: str, experts_run: str):
-        self.cfg, self.budget, self.study_run, self.worker_run = cfg, budget, study_run, worker_run
+        self.cfg, self.budget, self.study_run, self.worker_run = resolved.cfg, resolved.budget, study_run, worker_run
         self.experiment_id, self.env_manager, self.experts_run = experiment_id, env_manager, experts_run
-        self.teacher_model, self.student_model = cfg.models_for(budget)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         values = {d.name: suggest(trial, d) for d in self.cfg.space}
@@ -259,9 +258,9 @@ class Objective:
         distill = runner("distill", {**common, "experts_run": experts, "ipc": values["ipc"],
                                      "lr_teacher": values["lr_teacher"], "lr_lr": values["lr_lr"]},
                          f"{name}/distill", watch=watch)
-        teacher = runner("teacher", {**common, "model": self.teacher_model, "synthetic_run": distill},
+        teacher = runner("teacher", {**common, "model": cfg.teacher_model, "synthetic_run": distill},
                          f"{name}/teacher-synthetic", "teacher-synthetic", watch=watch)
-        student = runner("kd", {**common, "student": self.student_model, "temperature": values["temperature"],
+        student = runner("kd", {**common, "student": cfg.student_model, "temperature": values["temperature"],
                                 "alpha": values["alpha"], "teacher_run": teacher, "transfer": "synthetic",
                                 "synthetic_run": distill}, f"{name}/proposal", "proposal", watch=watch)
         for key, run_id in (("experts", experts), ("distill", distill), ("teacher", teacher), ("proposal", student)):
@@ -363,7 +362,8 @@ def join_study(cfg: TuneConfig, storage, study_name: str, my_run: str) -> tuple[
 
 def run(cfg: TuneConfig) -> str:
     """Run (or join) the study; return this worker's MLflow run id."""
-    _, budget = pipeline.prepare(cfg)  # before any study or run
+    _, resolved = pipeline.prepare(cfg)  # before any study or run
+    budget = resolved.budget
     study_name = cfg.study_name or f"kdd-{cfg.dataset}-{budget}"
     storage = open_storage(cfg.storage, cfg.heartbeat)
     with tracking.stage_run("tune", cfg, run_name=f"tune-{study_name}") as mine:
@@ -372,7 +372,8 @@ def run(cfg: TuneConfig) -> str:
             study, study_run, created = join_study(cfg, storage, study_name, my_run)
         role = "study" if study_run == my_run else "worker"
         mlflow.set_tags({"optuna.study": study_name, "optuna.storage": tracking.redact(cfg.storage),
-                         "kdd.role": role, "budget.resolved": budget})
+                         "kdd.role": role})
+        budgets.log_resolved(resolved)
         if role == "worker":
             mlflow.set_tag(PARENT_TAG, study_run)
         log.info("%s study %r in %s (%s run %s)", "created" if created else "joined", study_name,
@@ -382,7 +383,7 @@ def run(cfg: TuneConfig) -> str:
         with storage_lock(cfg.storage, f"{study_name}.experts", timeout=-1):
             runner = pipeline.Runner(mine.info.experiment_id, env_manager, set(), cfg.override_map)
             experts_run = runner("experts", stage_common(cfg, budget), "experts")
-        objective = Objective(cfg, budget, study_run, my_run, mine.info.experiment_id, env_manager, experts_run)
+        objective = Objective(resolved, study_run, my_run, mine.info.experiment_id, env_manager, experts_run)
         ran = work(study, objective, cfg.n_trials, cfg.timeout, lambda: storage_lock(cfg.storage, study_name),
                    catch=(Exception,))
         mlflow.log_metric("trials_run_here", ran)

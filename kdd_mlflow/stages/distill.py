@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from kdd_mlflow import config, data, models, report, tracking
+from kdd_mlflow import budgets, data, models, report, tracking
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.config import DistillConfig
 from kdd_mlflow.distill.evaluate import evaluate_set, mean_std
@@ -34,23 +34,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint/checkpoint.pt"
 SYNTHETIC_DIR = "synthetic"
-
-
-def resolve_budget(cfg: DistillConfig, device_type: str, manifest: dict) -> tuple[str, DistillConfig, dict]:
-    budget = config.pick_budget(cfg.budget, device_type)
-    if budget == "paper":
-        row_ipc, table = config.paper_distill_row(cfg.dataset, cfg.ipc)
-        table.pop("zca")  # ZCA is the experts' choice; the manifest says which
-        table = {**config.PAPER_RUN, **table, "paper_row_ipc": row_ipc}
-    else:
-        table = dict(config.QUICK_DISTILL)
-    resolved, filled = config.resolve(cfg, table)
-    if resolved.eval_model is None:
-        resolved, more = config.resolve(resolved, {"eval_model": manifest["model"]})
-        filled.update(more)
-    if "paper_row_ipc" in table:
-        filled["paper_row_ipc"] = table["paper_row_ipc"]
-    return budget, resolved, filled
 
 
 def check_against_experts(cfg: DistillConfig, manifest: dict) -> None:
@@ -97,7 +80,8 @@ def run(asked: DistillConfig) -> str:
     """Distil a synthetic set from experts run(s) by matching training trajectories (MTT)."""
     device = pick_device(asked.device)
     manifest = load_manifests(asked.experts_runs)
-    budget, cfg, filled = resolve_budget(asked, device.type, manifest)
+    resolved = budgets.resolve(asked, device.type, experts_model=manifest["model"])
+    cfg = resolved.cfg
     check_against_experts(cfg, manifest)
     real = data.load(cfg.dataset, cfg.data_dir, manifest["val_size"], cfg.train_limit)
     zca = data.whiten(real) if manifest["zca"] else None
@@ -110,8 +94,8 @@ def run(asked: DistillConfig) -> str:
         active = stack.enter_context(tracking.stage_run(
             "distill", asked, run_name=f"distill-{cfg.dataset}-ipc{cfg.ipc}", run_id=cfg.resume, resolved=cfg))
         run_id = active.info.run_id
-        tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()},
-                             "experts": len(manifest["experts"]), "zca": manifest["zca"]})
+        budgets.log_resolved(resolved)
+        tracking.log_params({"experts": len(manifest["experts"]), "zca": manifest["zca"]})
         mlflow.set_tag("kdd.device", str(device))
         student = FlatModel(models.create(manifest["model"], meta.channels, meta.num_classes, meta.image_size)
                             .to(device))

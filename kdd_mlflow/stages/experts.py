@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 from tqdm.auto import tqdm
 
-from kdd_mlflow import config, data, models, tracking
+from kdd_mlflow import budgets, config, data, models, tracking
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.config import ExpertsConfig
 from kdd_mlflow.distill.experts import TrajectoryMeta, layout, save_trajectory, train_expert
@@ -32,15 +32,6 @@ def expert_file(index: int) -> str:
     return f"expert_{index:04d}.safetensors"
 
 
-def resolve_budget(cfg: ExpertsConfig, device_type: str) -> tuple[str, ExpertsConfig, dict]:
-    budget = config.pick_budget(cfg.budget, device_type)
-    if budget == "paper":
-        table = dict(config.PAPER_EXPERTS, zca=cfg.dataset.startswith("cifar"))
-    else:
-        table = dict(config.QUICK_EXPERTS)
-    return (budget, *config.resolve(cfg, table))
-
-
 def existing_experts(run_id: str) -> dict[int, dict]:
     """Manifest entries of the experts a run already holds."""
     client = mlflow.MlflowClient()
@@ -55,7 +46,8 @@ def existing_experts(run_id: str) -> dict[int, dict]:
 def run(asked: ExpertsConfig) -> str:
     """Train expert networks on real data and log their trajectories (parameters every epoch)."""
     device = pick_device(asked.device)
-    budget, cfg, filled = resolve_budget(asked, device.type)
+    resolved = budgets.resolve(asked, device.type)
+    cfg = resolved.cfg
     real = data.load(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_limit)
     if cfg.zca:
         data.whiten(real)
@@ -64,11 +56,11 @@ def run(asked: ExpertsConfig) -> str:
     with tracking.stage_run("experts", asked, run_name=f"experts-{cfg.model}-{cfg.dataset}",
                             run_id=cfg.run_id, resolved=cfg) as active:
         run_id = active.info.run_id
-        tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()}})
+        budgets.log_resolved(resolved)
         done = existing_experts(run_id)
         todo = [k for k in mine if k not in done]
         log.info("experts run %s: %d of this shard's %d experts to train (%s budget)", run_id, len(todo),
-                 len(mine), budget)
+                 len(mine), resolved.budget)
         train, test = real.train.to(device), real.test.to(device)
         recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr_teacher, cfg.momentum, cfg.weight_decay, "constant",
                            cfg.precision)

@@ -12,10 +12,10 @@ import logging
 import mlflow
 import torch
 
-from kdd_mlflow import config, data, kd, metrics, models, tracking
+from kdd_mlflow import budgets, data, kd, metrics, models, tracking
 from kdd_mlflow.config import KDConfig
 from kdd_mlflow.runtime import pick_device, seed_everything
-from kdd_mlflow.stages.train import resolve_by_source, sgd_recipe, small_set_source, train_and_log
+from kdd_mlflow.stages.train import sgd_recipe, small_set_source, train_and_log
 from kdd_mlflow.train import predict_logits
 
 log = logging.getLogger(__name__)
@@ -60,16 +60,13 @@ def teacher_trained_on_transfer(cfg: KDConfig) -> bool:
 def run(asked: KDConfig) -> str:
     """Distil the teacher run into a small student on the transfer set; return the run id."""
     device = pick_device(asked.device)
-    budget = config.pick_budget(asked.budget, device.type)
     teacher, teacher_spec, teacher_zca = tracking.load_model(asked.teacher_run, expect={"dataset": asked.dataset})
     real = data.load(asked.dataset, asked.data_dir, asked.val_size, asked.train_limit)
     full_images = len(real.train)
     transfer, learned_lr, zca = transfer_set(asked, real, teacher_zca)
-    cfg, filled = resolve_by_source(asked, budget, asked.transfer != "real", config.QUICK_KD, config.PAPER_KD,
-                                    learned_lr)
-    if asked.augment is None and teacher_trained_on_transfer(asked):
-        cfg = cfg.model_copy(update={"augment": config.OWN_SET_AUGMENT})
-        filled["augment"] = config.OWN_SET_AUGMENT
+    resolved = budgets.resolve(asked, device.type, learned_lr=learned_lr,
+                               teacher_on_transfer=teacher_trained_on_transfer(asked))
+    cfg = resolved.cfg
     meta = real.info
     generator = seed_everything(cfg.seed)
     teacher = teacher.to(device)
@@ -82,8 +79,8 @@ def run(asked: KDConfig) -> str:
                           teacher_layer=cfg.hint_teacher_layer or feature_layer(teacher_spec["model"]))
     with tracking.stage_run("kd", asked, run_name=f"kd-{teacher_spec['model']}-to-{cfg.student}-{cfg.transfer}",
                             resolved=cfg, tags={"kdd.transfer": cfg.transfer}) as active:
-        tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()},
-                             "teacher_model": teacher_spec["model"]})
+        budgets.log_resolved(resolved)
+        tracking.log_params({"teacher_model": teacher_spec["model"]})
         recipe = sgd_recipe(cfg)
         transfer_on_device = transfer.to(device)
         with loss.attach(student, teacher, example=transfer_on_device.images[:2]):

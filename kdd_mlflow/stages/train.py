@@ -6,10 +6,9 @@ import logging
 
 import mlflow
 import torch
-from pydantic import BaseModel
 from torch import nn
 
-from kdd_mlflow import config, data, metrics, models, tracking
+from kdd_mlflow import budgets, data, metrics, models, tracking
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.config import SGDStageConfig, TeacherConfig, TrainConfig
 from kdd_mlflow.runtime import pick_device, seed_everything
@@ -84,18 +83,9 @@ def small_set_source(synthetic_run: str, real: data.RealData) -> tuple[data.Spli
     return synthetic, lr, zca
 
 
-def resolve_by_source(cfg: BaseModel, budget: str, small: bool, quick: dict, paper: dict,
-                      learned_lr: float | None) -> tuple[BaseModel, dict]:
-    table = dict((paper if budget == "paper" else quick)["small" if small else "real"])
-    if small and learned_lr is not None:  # a synthetic set comes with the step size it was learned for
-        table["lr"] = learned_lr
-    return config.resolve(cfg, table)
-
-
 def run_teacher(asked: TeacherConfig) -> str:
     """Train the teacher on real data or on a distill run's synthetic set; return the run id."""
     device = pick_device(asked.device)
-    budget = config.pick_budget(asked.budget, device.type)
     real = data.load(asked.dataset, asked.data_dir, asked.val_size, asked.train_limit)
     transfer, learned_lr, zca = real.train, None, None
     if asked.synthetic_run:
@@ -103,13 +93,13 @@ def run_teacher(asked: TeacherConfig) -> str:
     elif asked.ipc:
         transfer = real.random_subset(asked.ipc, torch.Generator().manual_seed(asked.seed + 1))
     source = asked.source
-    cfg, filled = resolve_by_source(asked, budget, source != "real", config.QUICK_TEACHER, config.PAPER_TEACHER,
-                                    learned_lr)
+    resolved = budgets.resolve(asked, device.type, learned_lr=learned_lr)
+    cfg = resolved.cfg
     generator = seed_everything(cfg.seed)
     meta = real.info
     with tracking.stage_run("teacher", asked, run_name=f"teacher-{cfg.model}-{source}", resolved=cfg,
                             tags={"kdd.source": source}) as active:
-        tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()}})
+        budgets.log_resolved(resolved)
         model = models.create(cfg.model, meta.channels, meta.num_classes, meta.image_size).to(device)
         recipe = sgd_recipe(cfg)
         train_and_log(model, cfg.model, transfer, real, recipe, generator, device, cfg.augment, zca=zca)
