@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdd_mlflow import data, models
+from kdd_mlflow.arms import ARMS
 
 
 class CommonConfig(BaseModel):
@@ -274,6 +275,12 @@ class KDConfig(SGDStageConfig):
             raise ValueError("transfer=subset needs ipc (images per class)")
 
 
+# The stages a pipeline runs, by entry-point name.
+STAGE_CONFIGS: dict[str, type[BaseModel]] = {
+    "experts": ExpertsConfig, "distill": DistillConfig, "teacher": TeacherConfig, "kd": KDConfig,
+}
+
+
 class EvaluateConfig(StageConfig):
     """Every metric of several model runs on the test set, side by side, with fidelity to a reference."""
 
@@ -283,20 +290,6 @@ class EvaluateConfig(StageConfig):
     @property
     def run_ids(self) -> list[str]:
         return [r.strip() for r in self.runs.split(",") if r.strip()]
-
-
-ARMS = {
-    "teacher-full": "teacher trained on the full real training set (the reference for fidelity)",
-    "student-full": "student trained on the full real training set (hard labels)",
-    "kd-full": "Hinton KD from the full-data teacher into the student on the full real data",
-    "convnet-synthetic": "the distillation ConvNet trained on the synthetic set (the MTT baseline)",
-    "student-synthetic": "student trained on the synthetic set with its hard labels",
-    "student-subset": "student trained on a random real subset of the same size (hard labels)",
-    "kd-subset": "KD from the full-data teacher into the student on that random real subset",
-    "teacher-synthetic": "teacher trained on the synthetic set",
-    "proposal": "teacher trained on the synthetic set, then KD into the student on the synthetic set",
-    "kd-full-teacher-synthetic": "KD from the full-data teacher into the student on the synthetic set",
-}
 
 
 class PipelineConfig(CommonConfig):
@@ -385,22 +378,19 @@ class CombinedConfig(PipelineConfig):
 
 
 def parse_overrides(text: str) -> dict[str, dict[str, str]]:
-    """``stage.param=value`` or ``arm.param=value`` pairs, comma-separated, checked against the stage configs."""
+    """``stage.param=value`` or ``arm.param=value`` pairs, comma-separated, checked against the stage configs
+    (an arm's against its stage's)."""
     from pydantic import TypeAdapter
 
-    stage_of = {"experts": ExpertsConfig, "distill": DistillConfig, "teacher": TeacherConfig, "kd": KDConfig}
-    arm_stage = {"teacher-full": "teacher", "student-full": "teacher", "convnet-synthetic": "teacher",
-                 "student-synthetic": "teacher", "student-subset": "teacher", "teacher-synthetic": "teacher",
-                 "kd-full": "kd", "kd-subset": "kd", "proposal": "kd", "kd-full-teacher-synthetic": "kd"}
     out: dict[str, dict[str, str]] = {}
     for item in (i.strip() for i in text.split(",") if i.strip()):
         target, _, rest = item.partition(".")
         name, eq, value = rest.partition("=")
-        stage = target if target in stage_of else arm_stage.get(target)
+        stage = target if target in STAGE_CONFIGS else ARMS[target].stage if target in ARMS else None
         if not eq or stage is None:
             raise ValueError(f"override {item!r} must be STAGE.PARAM=VALUE or ARM.PARAM=VALUE "
-                             f"(stages: {', '.join(stage_of)}; arms: {', '.join(arm_stage)})")
-        fields = stage_of[stage].model_fields
+                             f"(stages: {', '.join(STAGE_CONFIGS)}; arms: {', '.join(ARMS)})")
+        fields = STAGE_CONFIGS[stage].model_fields
         if name not in fields or name in {"dataset", "seed", "budget"}:
             raise ValueError(f"override {item!r}: {stage} has no parameter {name!r} that the pipeline lets you set")
         try:

@@ -1,14 +1,10 @@
 """The combined pipeline: every stage as an MLflow child run of one parent, then the comparison.
 
-    experts -> distill --------------------------------> convnet-synthetic, student-synthetic
-                 |                                         teacher-synthetic --kd--> proposal
-    teacher-full (real) --kd--> kd-full, kd-subset, kd-full-teacher-synthetic
-    student-full, student-subset
-
-Each stage runs through ``mlflow.projects.run`` (the stage's MLproject entry point, with the parent's
-environment manager), so the pipeline hands work on only through run ids, exactly as a user running
-the stages one by one. A stage whose parameters (compared as strings) and code version match a FINISHED
-run is reused instead of re-run, unless ``force`` names it.
+The arms, and what each needs, are the table in ``kdd_mlflow.arms``. Each stage runs through
+``mlflow.projects.run`` (the stage's MLproject entry point, with the parent's environment manager), so
+the pipeline hands work on only through run ids, exactly as a user running the stages one by one. A
+stage whose parameters (compared as strings) and code version match a FINISHED run is reused instead
+of re-run, unless ``force`` names it.
 """
 
 from __future__ import annotations
@@ -18,30 +14,21 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
-from pydantic import BaseModel
 
-from kdd_mlflow import budgets, config, data, metrics, report, tracking
-from kdd_mlflow.config import CombinedConfig, DistillConfig, ExpertsConfig, KDConfig, PipelineConfig, TeacherConfig
+from kdd_mlflow import arms, budgets, data, metrics, report, tracking
+from kdd_mlflow.config import STAGE_CONFIGS, CombinedConfig, PipelineConfig
 from kdd_mlflow.runtime import first_line, pick_device
 
 log = logging.getLogger(__name__)
 
-STAGE_CONFIGS: dict[str, type[BaseModel]] = {
-    "experts": ExpertsConfig, "distill": DistillConfig, "teacher": TeacherConfig, "kd": KDConfig,
-}
 ARM_TAG = "kdd.arm"
 Watch = Callable[[str], None]
-# What each arm needs first (besides experts -> distill for the synthetic-set arms).
-NEEDS = {"kd-full": ["teacher-full"], "kd-subset": ["teacher-full"], "proposal": ["teacher-synthetic"],
-         "kd-full-teacher-synthetic": ["teacher-full"]}
-SYNTHETIC_ARMS = {"convnet-synthetic", "student-synthetic", "teacher-synthetic", "proposal",
-                  "kd-full-teacher-synthetic"}
 
 
 def project_dir() -> Path:
@@ -181,71 +168,61 @@ def resolve_env_manager(requested: str) -> str:
     return tag if tag in ("virtualenv", "uv", "conda") else "local"
 
 
-def selected_with_needs(arms: list[str]) -> list[str]:
+def stage_common(cfg: PipelineConfig, budget: str) -> dict[str, object]:
+    """The parameters every stage run of a pipeline shares, the seed aside."""
+    return {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "device": cfg.device, "val_size": cfg.val_size,
+            "train_limit": cfg.train_limit, "budget": budget, "precision": cfg.precision}
+
+
+def selected_with_needs(names: list[str]) -> list[str]:
     """The arms to train, in dependency order: the requested ones, what they need, and the reference."""
-    wanted = {"teacher-full", *arms}
-    for arm in arms:
-        wanted.update(NEEDS.get(arm, []))
-    return [a for a in config.ARMS if a in wanted]
+    return arms.with_needs([arms.REFERENCE, *names])
+
+
+def run_arms(runner: Runner, names: list[str], context: arms.Context, common: dict[str, object],
+             stage_params: dict[str, dict[str, object]], run_name: Callable[[str], str],
+             watch: Watch | None = None) -> dict[str, str]:
+    """Run (or reuse) each arm of ``names`` in order: its stage with ``common``, that stage's entry of
+    ``stage_params`` and the arm's own parameters. Return (and keep in ``context.runs``) their run ids."""
+    for name in names:
+        arm = arms.ARMS[name]
+        params = {**common, **stage_params.get(arm.stage, {}), **arm.params(context)}
+        context.runs[name] = runner(arm.stage, params, run_name(name), name, watch=watch)
+    return context.runs
 
 
 def run(cfg: CombinedConfig) -> str:
     """Run the whole comparison; return the parent run id."""
     device, resolved = prepare(cfg)
-    budget, teacher_model, student_model = resolved.budget, resolved.cfg.teacher_model, resolved.cfg.student_model
     with tracking.stage_run("combined", cfg, run_name=f"combined-{cfg.dataset}-ipc{cfg.ipc}") as parent:
         budgets.log_resolved(resolved)
         runner = Runner(parent.info.experiment_id, resolve_env_manager(cfg.env_manager),
                         {f for f in cfg.force.split(",") if f}, cfg.override_map)
         mlflow.set_tag("kdd.env_manager", runner.env_manager)
-        common = {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "device": cfg.device, "val_size": cfg.val_size,
-                  "train_limit": cfg.train_limit, "budget": budget, "precision": cfg.precision}
-        kd_common = {**common, "student": student_model, "temperature": cfg.temperature, "alpha": cfg.alpha}
-        arms = selected_with_needs(cfg.arm_list)
+        common = stage_common(cfg, resolved.budget)
+        selected = selected_with_needs(cfg.arm_list)
         started = time.perf_counter()
 
-        synthetic_run = eval_model = None
-        if SYNTHETIC_ARMS & set(arms):
-            seed0 = cfg.seed_list[0]
-            experts_run = runner("experts", {**common, "seed": seed0}, "experts")
-            synthetic_run = runner("distill", {**common, "seed": seed0, "experts_run": experts_run, "ipc": cfg.ipc},
-                                   "distill")
-            eval_model = distill_eval_model(synthetic_run)
+        context = arms.Context(resolved.cfg.teacher_model, resolved.cfg.student_model, cfg.ipc)
+        if any(arms.ARMS[name].synthetic for name in selected):
+            first_seed = {**common, "seed": cfg.seed_list[0]}
+            experts_run = runner("experts", first_seed, "experts")
+            context.synthetic_run = runner("distill", {**first_seed, "experts_run": experts_run, "ipc": cfg.ipc},
+                                           "distill")
+            context.eval_model = distill_eval_model(context.synthetic_run)
 
-        runs: dict[str, dict[int, str]] = {arm: {} for arm in arms}
+        kd_params = {"kd": {"temperature": cfg.temperature, "alpha": cfg.alpha}}
+        runs: dict[str, dict[int, str]] = {name: {} for name in selected}
         for seed in cfg.seed_list:
-            def stage(name, params, arm, s=seed):
-                runs[arm][s] = runner(name, {**params, "seed": s}, f"{arm}/seed{s}", arm)
-
-            for arm in arms:
-                if arm == "teacher-full":
-                    stage("teacher", {**common, "model": teacher_model}, arm)
-                elif arm == "student-full":
-                    stage("teacher", {**common, "model": student_model}, arm)
-                elif arm == "kd-full":
-                    stage("kd", {**kd_common, "teacher_run": runs["teacher-full"][seed]}, arm)
-                elif arm == "convnet-synthetic":
-                    stage("teacher", {**common, "model": eval_model, "synthetic_run": synthetic_run}, arm)
-                elif arm == "student-synthetic":
-                    stage("teacher", {**common, "model": student_model, "synthetic_run": synthetic_run}, arm)
-                elif arm == "student-subset":
-                    stage("teacher", {**common, "model": student_model, "ipc": cfg.ipc}, arm)
-                elif arm == "kd-subset":
-                    stage("kd", {**kd_common, "teacher_run": runs["teacher-full"][seed], "transfer": "subset",
-                                 "ipc": cfg.ipc}, arm)
-                elif arm == "teacher-synthetic":
-                    stage("teacher", {**common, "model": teacher_model, "synthetic_run": synthetic_run}, arm)
-                elif arm == "proposal":
-                    stage("kd", {**kd_common, "teacher_run": runs["teacher-synthetic"][seed],
-                                 "transfer": "synthetic", "synthetic_run": synthetic_run}, arm)
-                elif arm == "kd-full-teacher-synthetic":
-                    stage("kd", {**kd_common, "teacher_run": runs["teacher-full"][seed], "transfer": "synthetic",
-                                 "synthetic_run": synthetic_run}, arm)
+            seeded = run_arms(runner, selected, replace(context, runs={}), {**common, "seed": seed}, kd_params,
+                              lambda name, s=seed: f"{name}/seed{s}")
+            for name, run_id in seeded.items():
+                runs[name][seed] = run_id
 
         mlflow.set_tags({"kdd.reused_runs": ",".join(runner.reused) or "-",
                          "kdd.started_runs": ",".join(runner.started) or "-"})
-        if synthetic_run:
-            mlflow.set_tag("kdd.distill_run", synthetic_run)
+        if context.synthetic_run:
+            mlflow.set_tag("kdd.distill_run", context.synthetic_run)
         rows = compare(cfg, runs, device)
         mlflow.log_metric("pipeline_wall_s", time.perf_counter() - started)
         report.log_comparison(rows, cfg)
@@ -264,10 +241,9 @@ def compare(cfg: CombinedConfig, runs: dict[str, dict[int, str]], device) -> lis
     labels = real.test.labels.to(device)
     full_images = len(real.train)
     client = MlflowClient()
-    reference = {s: test_logits(r, real, device)[0] for s, r in runs["teacher-full"].items()}
+    reference = {s: test_logits(r, real, device)[0] for s, r in runs[arms.REFERENCE].items()}
     rows = []
-    wanted = ["teacher-full", *[a for a in cfg.arm_list if a != "teacher-full"]]
-    for arm in wanted:
+    for arm in (name for name in arms.ARMS if name == arms.REFERENCE or name in cfg.arm_list):
         per_seed = []
         for seed, run_id in runs[arm].items():
             logits, spec, params = test_logits(run_id, real, device)

@@ -1,9 +1,10 @@
 """Optuna studies over the proposal arm, tracked in MLflow.
 
-A trial runs experts -> distill -> teacher on the synthetic set -> KD into the student (the proposal) as
-stage runs, reusing any FINISHED stage run with the same parameters (the experts are shared by every
-trial of a dataset; a distill run is shared by trials that repeat its parameters). Its value is the
-proposal student's validation accuracy; test accuracy is only stored as a trial attribute.
+A trial runs experts -> distill, then the proposal arm with the arms it needs (``kdd_mlflow.arms``: the
+teacher on the synthetic set, then KD into the student on that set) as stage runs, reusing any FINISHED
+stage run with the same parameters (the experts are shared by every trial of a dataset; a distill run
+is shared by trials that repeat its parameters). Its value is the proposal student's validation
+accuracy; test accuracy is only stored as a trial attribute.
 
 In MLflow: one study run (the first worker's run), a nested run per trial (params, value, state) whose
 children are the trial's stage runs, and the study's plots and best parameters on the study run.
@@ -31,13 +32,14 @@ import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
-from kdd_mlflow import budgets, config, pipeline, report, tracking
+from kdd_mlflow import arms, budgets, config, pipeline, report, tracking
 from kdd_mlflow.config import Dimension, TuneConfig
 from kdd_mlflow.runtime import first_line
 
 log = logging.getLogger(__name__)
 
 STUDY_RUN_ATTR = "mlflow_run_id"
+TUNED_ARM = "proposal"  # the arm a trial trains and is scored by
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -212,7 +214,7 @@ class Reporter:
 
 
 class Objective:
-    """One trial: the proposal arm's stages as children of the trial's MLflow run."""
+    """One trial: the tuned arm's stages as children of the trial's MLflow run."""
 
     def __init__(self, resolved: budgets.Resolved[TuneConfig], study_run: str, worker_run: str, experiment_id: str,
                  env_manager: str, experts_run: str):
@@ -253,27 +255,30 @@ class Objective:
         cfg = self.cfg
         runner = pipeline.Runner(self.experiment_id, self.env_manager, set(), cfg.override_map)
         watch = Reporter(trial, enabled=not cfg.multi_objective)
-        common = stage_common(cfg, self.budget)
+        common = {**pipeline.stage_common(cfg, self.budget), "seed": cfg.seed}
+        searched = by_stage(values)
         experts = self.experts_run
-        distill = runner("distill", {**common, "experts_run": experts, "ipc": values["ipc"],
-                                     "lr_teacher": values["lr_teacher"], "lr_lr": values["lr_lr"]},
-                         f"{name}/distill", watch=watch)
-        teacher = runner("teacher", {**common, "model": cfg.teacher_model, "synthetic_run": distill},
-                         f"{name}/teacher-synthetic", "teacher-synthetic", watch=watch)
-        student = runner("kd", {**common, "student": cfg.student_model, "temperature": values["temperature"],
-                                "alpha": values["alpha"], "teacher_run": teacher, "transfer": "synthetic",
-                                "synthetic_run": distill}, f"{name}/proposal", "proposal", watch=watch)
-        for key, run_id in (("experts", experts), ("distill", distill), ("teacher", teacher), ("proposal", student)):
+        distill = runner("distill", {**common, **searched["distill"], "experts_run": experts}, f"{name}/distill",
+                         watch=watch)
+        context = arms.Context(cfg.teacher_model, cfg.student_model, values["ipc"], synthetic_run=distill,
+                               eval_model=pipeline.distill_eval_model(distill))
+        runs = pipeline.run_arms(runner, arms.with_needs([TUNED_ARM]), context, common, searched,
+                                 lambda arm: f"{name}/{arm}", watch)
+        tuned, teacher = runs[TUNED_ARM], runs[arms.ARMS[TUNED_ARM].teacher]
+        for key, run_id in (("experts", experts), ("distill", distill), ("teacher", teacher), (TUNED_ARM, tuned)):
             trial.set_user_attr(f"{key}_run", run_id)
-        got = MlflowClient().get_run(student).data.metrics
+        got = MlflowClient().get_run(tuned).data.metrics
         if "val_acc" not in got:
-            raise RuntimeError(f"proposal run {student} logged no val_acc")
+            raise RuntimeError(f"{TUNED_ARM} run {tuned} logged no val_acc")
         return got["val_acc"], got["test_acc"]
 
 
-def stage_common(cfg: TuneConfig, budget: str) -> dict[str, object]:
-    return {"dataset": cfg.dataset, "data_dir": cfg.data_dir, "device": cfg.device, "val_size": cfg.val_size,
-            "train_limit": cfg.train_limit, "budget": budget, "seed": cfg.seed, "precision": cfg.precision}
+def by_stage(values: dict[str, float | int]) -> dict[str, dict[str, float | int]]:
+    """A trial's values grouped by the stage each sets."""
+    grouped: dict[str, dict[str, float | int]] = {}
+    for name, value in values.items():
+        grouped.setdefault(config.TUNABLE[name][0], {})[name] = value
+    return grouped
 
 
 # --- the study run ------------------------------------------------------------------------------------------
@@ -382,7 +387,7 @@ def run(cfg: TuneConfig) -> str:
         # Every trial shares one experts run; workers starting together wait for the first to train it.
         with storage_lock(cfg.storage, f"{study_name}.experts", timeout=-1):
             runner = pipeline.Runner(mine.info.experiment_id, env_manager, set(), cfg.override_map)
-            experts_run = runner("experts", stage_common(cfg, budget), "experts")
+            experts_run = runner("experts", {**pipeline.stage_common(cfg, budget), "seed": cfg.seed}, "experts")
         objective = Objective(resolved, study_run, my_run, mine.info.experiment_id, env_manager, experts_run)
         ran = work(study, objective, cfg.n_trials, cfg.timeout, lambda: storage_lock(cfg.storage, study_name),
                    catch=(Exception,))

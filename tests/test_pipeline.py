@@ -2,8 +2,9 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 
-from kdd_mlflow import cli, pipeline
-from kdd_mlflow.config import ARMS, CombinedConfig
+from kdd_mlflow import arms, cli, pipeline
+from kdd_mlflow.arms import ARMS
+from kdd_mlflow.config import STAGE_CONFIGS, CombinedConfig, parse_overrides
 
 TINY = ",".join([
     "experts.model=convnet-w8-d2", "experts.num_experts=1", "experts.epochs=3",
@@ -77,3 +78,34 @@ def test_combined_without_data_fails_at_once(tmp_path):
 def test_arm_dependencies_are_added():
     assert pipeline.selected_with_needs(["proposal"]) == ["teacher-full", "teacher-synthetic", "proposal"]
     assert pipeline.selected_with_needs(["student-subset"]) == ["teacher-full", "student-subset"]
+
+
+def test_every_arm_comes_after_what_it_needs():
+    order = list(ARMS)
+    assert order[0] == arms.REFERENCE
+    for i, arm in enumerate(ARMS.values()):
+        assert all(order.index(need) < i for need in arm.needs), arm.name
+    assert arms.with_needs(["proposal", "student-full"]) == ["student-full", "teacher-synthetic", "proposal"]
+
+
+def test_arm_parameters_are_valid_stage_configs():
+    context = arms.Context("convnet-w16", "convnet-w8", ipc=2, synthetic_run="D", eval_model="convnet-w32",
+                           runs={name: f"run-{name}" for name in ARMS})
+    params = {name: arm.params(context) for name, arm in ARMS.items()}
+    for name, arm in ARMS.items():
+        STAGE_CONFIGS[arm.stage](**params[name])  # what the stage's entry point will be given
+    assert ARMS["proposal"].stage == "kd" and params["proposal"] == {
+        "student": "convnet-w8", "teacher_run": "run-teacher-synthetic", "transfer": "synthetic", "synthetic_run": "D"}
+    assert params["kd-subset"] == {"student": "convnet-w8", "teacher_run": "run-teacher-full", "transfer": "subset",
+                                   "ipc": 2}
+    assert ARMS["convnet-synthetic"].stage == "teacher"
+    assert params["convnet-synthetic"] == {"model": "convnet-w32", "synthetic_run": "D"}
+    assert params["student-subset"] == {"model": "convnet-w8", "ipc": 2}
+    assert params["teacher-full"] == {"model": "convnet-w16"}
+
+
+def test_arm_overrides_go_to_the_arms_stage():
+    assert parse_overrides("proposal.epochs=3,teacher-synthetic.model=convnet") == {
+        "proposal": {"epochs": "3"}, "teacher-synthetic": {"model": "convnet"}}
+    with pytest.raises(ValueError, match="kd has no parameter 'model'"):
+        parse_overrides("kd-full.model=convnet")
