@@ -32,9 +32,10 @@ import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
-from kdd_mlflow import arms, budgets, config, pipeline, report, tracking
-from kdd_mlflow.config import Dimension, TuneConfig
+from kdd_mlflow import arms, budgets, pipeline, report, tracking
+from kdd_mlflow.config import TuneConfig
 from kdd_mlflow.runtime import first_line
+from kdd_mlflow.search_space import TUNABLE, Dimension
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ def by_stage(values: dict[str, float | int]) -> dict[str, dict[str, float | int]
     """A trial's values grouped by the stage each sets."""
     grouped: dict[str, dict[str, float | int]] = {}
     for name, value in values.items():
-        grouped.setdefault(config.TUNABLE[name][0], {})[name] = value
+        grouped.setdefault(TUNABLE[name][0], {})[name] = value
     return grouped
 
 
@@ -360,7 +361,7 @@ def join_study(cfg: TuneConfig, storage, study_name: str, my_run: str) -> tuple[
     if not study_run:
         study.set_user_attr(STUDY_RUN_ATTR, my_run)
         study_run = my_run
-    for name in config.TUNABLE:
+    for name in TUNABLE:
         study.set_user_attr(f"space.{name}", getattr(cfg, name))
     return study, study_run, not existed
 

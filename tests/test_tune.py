@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from kdd_mlflow import cli, pipeline, tune
-from kdd_mlflow.config import TuneConfig, parse_dimension
+from kdd_mlflow.config import TuneConfig
+from kdd_mlflow.search_space import parse_dimension
 
 TINY = ",".join([
     "experts.model=convnet-w8-d2", "experts.num_experts=1", "experts.epochs=3",
