@@ -10,6 +10,7 @@ filled in is logged, so every run says which settings it ran with.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -18,6 +19,8 @@ from pydantic import BaseModel
 
 from kdd_mlflow import tracking
 from kdd_mlflow.config import DistillConfig, ExpertsConfig, KDConfig, PipelineConfig, TeacherConfig
+
+log = logging.getLogger(__name__)
 
 # The published MTT settings (Cazenavette et al., CVPR 2022, supplementary table of hyper-parameters):
 # (dataset, ipc) -> syn_steps, expert_epochs, max_start_epoch, lr_img, lr_lr, lr_teacher, batch_syn, zca.
@@ -86,6 +89,12 @@ def paper_distill_row(dataset: str, ipc: int) -> tuple[int, dict]:
     return nearest, dict(PAPER_DISTILL[(dataset, nearest)])
 
 
+def experts_zca(budget: str, dataset: str, ipc: int) -> bool | None:
+    """The ZCA flag a pipeline gives its experts for distilling ``ipc`` images per class: the published
+    row's under the paper budget; None (the experts' own budget decides) under quick."""
+    return paper_distill_row(dataset, ipc)[1]["zca"] if budget == "paper" else None
+
+
 C = TypeVar("C", bound=BaseModel)
 
 
@@ -100,7 +109,7 @@ class Resolved(Generic[C]):
 
 def resolve(cfg: C, device_type: str, **context: object) -> Resolved[C]:
     """Fill ``cfg``'s unset fields from its budget. ``context`` is what the stage knows that its config
-    does not: distill, the experts' ``experts_model``; teacher and kd, the synthetic
+    does not: distill, the experts' ``experts_model`` and ``experts_zca``; teacher and kd, the synthetic
     set's ``learned_lr``; kd, ``teacher_on_transfer`` (its teacher was trained on this transfer set)."""
     budget = pick_budget(cfg.budget, device_type)
     defaults = next(make for kind, make in DEFAULTS.items() if isinstance(cfg, kind))
@@ -120,14 +129,20 @@ def log_resolved(resolved: Resolved) -> None:
 def experts_defaults(cfg: ExpertsConfig, budget: str) -> dict:
     if budget != "paper":
         return dict(QUICK_EXPERTS)
+    # Experts alone do not know the ipc they will be distilled at: ZCA for CIFAR, as most published rows
+    # are. A pipeline knows, and passes its row's flag (experts_zca).
     return dict(PAPER_EXPERTS, zca=cfg.dataset.startswith("cifar"))
 
 
-def distill_defaults(cfg: DistillConfig, budget: str, *, experts_model: str) -> dict:
+def distill_defaults(cfg: DistillConfig, budget: str, *, experts_model: str, experts_zca: bool) -> dict:
     if budget != "paper":
         return dict(QUICK_DISTILL, eval_model=experts_model)
     row_ipc, row = paper_distill_row(cfg.dataset, cfg.ipc)
-    row.pop("zca")  # ZCA is the experts' choice; the manifest says which
+    row_zca = row.pop("zca")  # ZCA is the experts' choice: the set is distilled in their input space
+    if row_zca != experts_zca:  # a user may want that; say so rather than refuse
+        log.warning("the experts are %sZCA-whitened, but the published row for %s ipc %d is %s ZCA; distilling "
+                    "as the experts are (experts --zca %s would follow the paper)", "" if experts_zca else "not ",
+                    cfg.dataset, row_ipc, "with" if row_zca else "without", str(row_zca).lower())
     return {**PAPER_RUN, **row, "eval_model": experts_model, "paper_row_ipc": row_ipc}
 
 

@@ -174,6 +174,12 @@ def stage_common(cfg: PipelineConfig, budget: str) -> dict[str, object]:
             "train_limit": cfg.train_limit, "budget": budget, "precision": cfg.precision}
 
 
+def experts_params(cfg: PipelineConfig, budget: str, ipc: int) -> dict[str, object]:
+    """The experts stage's parameters for a synthetic set of ``ipc`` images per class (the seed aside):
+    under the paper budget, the ZCA flag of the published row, which the experts alone cannot know."""
+    return {**stage_common(cfg, budget), "zca": budgets.experts_zca(budget, cfg.dataset, ipc)}
+
+
 def selected_with_needs(names: list[str]) -> list[str]:
     """The arms to train, in dependency order: the requested ones, what they need, and the reference."""
     return arms.with_needs([arms.REFERENCE, *names])
@@ -205,10 +211,10 @@ def run(cfg: CombinedConfig) -> str:
 
         context = arms.Context(resolved.cfg.teacher_model, resolved.cfg.student_model, cfg.ipc)
         if any(arms.ARMS[name].synthetic for name in selected):
-            first_seed = {**common, "seed": cfg.seed_list[0]}
-            experts_run = runner("experts", first_seed, "experts")
-            context.synthetic_run = runner("distill", {**first_seed, "experts_run": experts_run, "ipc": cfg.ipc},
-                                           "distill")
+            first = cfg.seed_list[0]  # one synthetic set; the arms on it vary by seed
+            experts_run = runner("experts", {**experts_params(cfg, resolved.budget, cfg.ipc), "seed": first}, "experts")
+            context.synthetic_run = runner("distill", {**common, "seed": first, "experts_run": experts_run,
+                                                       "ipc": cfg.ipc}, "distill")
             context.eval_model = distill_eval_model(context.synthetic_run)
 
         kd_params = {"kd": {"temperature": cfg.temperature, "alpha": cfg.alpha}}

@@ -35,6 +35,12 @@ class Dimension(BaseModel):
     def cast(self, v: float) -> float | int:
         return int(v) if self.integer else v
 
+    def whole_values(self) -> list[int]:
+        """Every value a whole-number dimension can take."""
+        if self.kind == "range":
+            return list(range(int(self.values[0]), int(self.values[1]) + 1))
+        return [int(v) for v in self.values]
+
 
 def parse_dimension(name: str, text: str) -> Dimension:
     """``LOW:HIGH`` (a range, log-scaled for learning rates, ipc and temperature), ``A,B,C`` or ``V``."""

@@ -2,9 +2,10 @@
 
 A trial runs experts -> distill, then the proposal arm with the arms it needs (``kdd_mlflow.arms``: the
 teacher on the synthetic set, then KD into the student on that set) as stage runs, reusing any FINISHED
-stage run with the same parameters (the experts are shared by every trial of a dataset; a distill run
-is shared by trials that repeat its parameters). Its value is the proposal student's validation
-accuracy; test accuracy is only stored as a trial attribute.
+stage run with the same parameters (the experts are shared by every trial of a dataset, or under the
+paper budget by the trials whose ipc's published row whitens alike; a distill run is shared by trials
+that repeat its parameters). Its value is the proposal student's validation accuracy; test accuracy is
+only stored as a trial attribute.
 
 In MLflow: one study run (the first worker's run), a nested run per trial (params, value, state) whose
 children are the trial's stage runs, and the study's plots and best parameters on the study run.
@@ -218,9 +219,9 @@ class Objective:
     """One trial: the tuned arm's stages as children of the trial's MLflow run."""
 
     def __init__(self, resolved: budgets.Resolved[TuneConfig], study_run: str, worker_run: str, experiment_id: str,
-                 env_manager: str, experts_run: str):
+                 env_manager: str, experts: dict[int, str]):
         self.cfg, self.budget, self.study_run, self.worker_run = resolved.cfg, resolved.budget, study_run, worker_run
-        self.experiment_id, self.env_manager, self.experts_run = experiment_id, env_manager, experts_run
+        self.experiment_id, self.env_manager, self.experts = experiment_id, env_manager, experts  # ipc -> run
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         values = {d.name: suggest(trial, d) for d in self.cfg.space}
@@ -258,7 +259,7 @@ class Objective:
         watch = Reporter(trial, enabled=not cfg.multi_objective)
         common = {**pipeline.stage_common(cfg, self.budget), "seed": cfg.seed}
         searched = by_stage(values)
-        experts = self.experts_run
+        experts = self.experts[values["ipc"]]
         distill = runner("distill", {**common, **searched["distill"], "experts_run": experts}, f"{name}/distill",
                          watch=watch)
         context = arms.Context(cfg.teacher_model, cfg.student_model, values["ipc"], synthetic_run=distill,
@@ -272,6 +273,13 @@ class Objective:
         if "val_acc" not in got:
             raise RuntimeError(f"{TUNED_ARM} run {tuned} logged no val_acc")
         return got["val_acc"], got["test_acc"]
+
+
+def experts_params(cfg: TuneConfig, budget: str) -> dict[int, dict[str, object]]:
+    """The experts stage's parameters for every ipc the search space can draw: one set, unless (paper
+    budget) the space spans published rows that whiten differently."""
+    ipc = next(d for d in cfg.space if d.name == "ipc")
+    return {n: {**pipeline.experts_params(cfg, budget, n), "seed": cfg.seed} for n in ipc.whole_values()}
 
 
 def by_stage(values: dict[str, float | int]) -> dict[str, dict[str, float | int]]:
@@ -385,11 +393,18 @@ def run(cfg: TuneConfig) -> str:
         log.info("%s study %r in %s (%s run %s)", "created" if created else "joined", study_name,
                  tracking.redact(cfg.storage), role, study_run)
         env_manager = pipeline.resolve_env_manager(cfg.env_manager)
-        # Every trial shares one experts run; workers starting together wait for the first to train it.
+        # Trials share experts runs, one per distinct set of experts parameters (usually one for the whole
+        # study); workers starting together wait for the first to train them.
         with storage_lock(cfg.storage, f"{study_name}.experts", timeout=-1):
             runner = pipeline.Runner(mine.info.experiment_id, env_manager, set(), cfg.override_map)
-            experts_run = runner("experts", {**pipeline.stage_common(cfg, budget), "seed": cfg.seed}, "experts")
-        objective = Objective(resolved, study_run, my_run, mine.info.experiment_id, env_manager, experts_run)
+            runs: dict[tuple, str] = {}
+            experts = {}
+            for ipc, params in experts_params(cfg, budget).items():
+                key = tuple(params.items())
+                if key not in runs:
+                    runs[key] = runner("experts", params, "experts")
+                experts[ipc] = runs[key]
+        objective = Objective(resolved, study_run, my_run, mine.info.experiment_id, env_manager, experts)
         ran = work(study, objective, cfg.n_trials, cfg.timeout, lambda: storage_lock(cfg.storage, study_name),
                    catch=(Exception,))
         mlflow.log_metric("trials_run_here", ran)

@@ -1,8 +1,10 @@
+import logging
+
 import mlflow
 import pytest
 
-from kdd_mlflow import budgets
-from kdd_mlflow.config import CombinedConfig, ExpertsConfig, KDConfig, TeacherConfig
+from kdd_mlflow import budgets, pipeline, tune
+from kdd_mlflow.config import CombinedConfig, DistillConfig, ExpertsConfig, KDConfig, TeacherConfig, TuneConfig
 
 
 def test_experts_budgets():
@@ -50,3 +52,33 @@ def test_what_the_budget_filled_is_logged():
         budgets.log_resolved(budgets.resolve(TeacherConfig(), "cpu"))
     params = mlflow.get_run(run.info.run_id).data.params
     assert params["budget.resolved"] == "quick" and params["budget.epochs"] == "3" and params["budget.lr"] == "0.05"
+
+
+@pytest.mark.parametrize("dataset, ipc, zca", [("cifar10", 10, True), ("cifar10", 50, False), ("cifar100", 10, False)])
+def test_paper_experts_of_combined_and_tune_follow_their_rows_zca(dataset, ipc, zca):
+    combined = pipeline.experts_params(CombinedConfig(dataset=dataset, ipc=ipc), "paper", ipc)
+    tuned = tune.experts_params(TuneConfig(dataset=dataset, ipc=str(ipc), n_trials=1), "paper")[ipc]
+    for params in (combined, tuned):
+        experts = ExpertsConfig(**{k: v for k, v in params.items() if v is not None})
+        assert budgets.resolve(experts, "cuda").cfg.zca is zca
+
+
+def test_a_tuning_space_across_rows_that_whiten_differently_needs_two_experts_runs():
+    def distinct(budget: str) -> int:
+        space = tune.experts_params(TuneConfig(dataset="cifar10", ipc="1:50", n_trials=1), budget)
+        assert sorted(space) == list(range(1, 51))
+        return len({tuple(params.items()) for params in space.values()})
+
+    assert distinct("paper") == 2 and distinct("quick") == 1
+
+
+def test_distilling_paper_rows_from_experts_whitened_otherwise_warns(caplog):
+    cfg = DistillConfig(dataset="cifar10", experts_run="x", budget="paper", ipc=50)
+    with caplog.at_level(logging.WARNING, logger="kdd_mlflow.budgets"):
+        resolved = budgets.resolve(cfg, "cpu", experts_model="convnet", experts_zca=True)
+    assert resolved.filled["paper_row_ipc"] == 50 and "zca" not in resolved.filled
+    assert "experts are ZCA-whitened, but the published row for cifar10 ipc 50 is without ZCA" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdd_mlflow.budgets"):
+        budgets.resolve(cfg, "cpu", experts_model="convnet", experts_zca=False)
+    assert not caplog.records

@@ -143,20 +143,20 @@ def test_shard_syntax_is_checked():
 @pytest.mark.parametrize("ipc, row", [(1, 1), (10, 10), (50, 50), (20, 10), (40, 50)])
 def test_paper_budget_uses_the_published_row(ipc, row):
     cfg = DistillConfig(dataset="cifar100", experts_run="x", budget="paper", ipc=ipc)
-    got = budgets.resolve(cfg, "cpu", experts_model="convnet")
+    got = budgets.resolve(cfg, "cpu", experts_model="convnet", experts_zca=False)
     resolved, filled = got.cfg, got.filled
     assert got.budget == "paper" and filled["paper_row_ipc"] == row
     if row == 50:
         assert (resolved.syn_steps, resolved.batch_syn, resolved.max_start_epoch) == (80, 125, 40)
     assert resolved.iterations == 5000 and resolved.eval_model == "convnet"
     explicit = DistillConfig(dataset="cifar100", experts_run="x", budget="paper", ipc=ipc, syn_steps=7)
-    assert budgets.resolve(explicit, "cpu", experts_model="convnet").cfg.syn_steps == 7
+    assert budgets.resolve(explicit, "cpu", experts_model="convnet", experts_zca=False).cfg.syn_steps == 7
 
 
 def test_auto_budget_follows_the_device():
     cfg = DistillConfig(experts_run="x")
-    assert budgets.resolve(cfg, "cuda", experts_model="convnet").budget == "paper"
-    assert budgets.resolve(cfg, "cpu", experts_model="convnet").budget == "quick"
+    assert budgets.resolve(cfg, "cuda", experts_model="convnet", experts_zca=False).budget == "paper"
+    assert budgets.resolve(cfg, "cpu", experts_model="convnet", experts_zca=False).budget == "quick"
 
 
 def test_zca_whitening_is_recorded_with_the_set(fake_fashion):

@@ -80,7 +80,7 @@ def run(asked: DistillConfig) -> str:
     """Distil a synthetic set from experts run(s) by matching training trajectories (MTT)."""
     device = pick_device(asked.device)
     manifest = load_manifests(asked.experts_runs)
-    resolved = budgets.resolve(asked, device.type, experts_model=manifest["model"])
+    resolved = budgets.resolve(asked, device.type, experts_model=manifest["model"], experts_zca=manifest["zca"])
     cfg = resolved.cfg
     check_against_experts(cfg, manifest)
     real = data.load(cfg.dataset, cfg.data_dir, manifest["val_size"], cfg.train_limit)
