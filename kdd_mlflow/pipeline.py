@@ -27,6 +27,8 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from kdd_mlflow import config, data, metrics, report, tracking
+from kdd_mlflow.artifacts import model as model_artifact
+from kdd_mlflow.artifacts import synthetic
 from kdd_mlflow.config import CombinedConfig, DistillConfig, ExpertsConfig, KDConfig, PipelineConfig, TeacherConfig
 from kdd_mlflow.runtime import first_line, pick_device
 
@@ -253,29 +255,31 @@ def run(cfg: CombinedConfig) -> str:
 
 
 def distill_eval_model(distill_run: str) -> str:
-    return mlflow.artifacts.load_dict(f"runs:/{distill_run}/config.json")["eval_model"]
+    """The network a distill run's set was distilled for."""
+    return synthetic.spec(distill_run)["model"]
 
 
 def compare(cfg: CombinedConfig, runs: dict[str, dict[int, str]], device) -> list[dict]:
     """One row per arm: accuracy (mean and std over seeds), fidelity to the full-data teacher, and costs."""
-    from kdd_mlflow.stages.evaluate import test_logits
-
     real = data.load(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_limit)
     labels = real.test.labels.to(device)
     full_images = len(real.train)
     client = MlflowClient()
-    reference = {s: test_logits(r, real, device)[0] for s, r in runs["teacher-full"].items()}
+    expect = {"dataset": cfg.dataset}
+    reference = {s: model_artifact.load(r, expect).logits(real.test.images, device)
+                 for s, r in runs["teacher-full"].items()}
     rows = []
     wanted = ["teacher-full", *[a for a in cfg.arm_list if a != "teacher-full"]]
     for arm in wanted:
         per_seed = []
         for seed, run_id in runs[arm].items():
-            logits, spec, params = test_logits(run_id, real, device)
+            trained = model_artifact.load(run_id, expect)
+            logits = trained.logits(real.test.images, device)
             run = client.get_run(run_id)
             per_seed.append({
                 **metrics.classification(logits, labels), **metrics.fidelity(reference[seed], logits),
-                "parameters": params, "train_images": int(run.data.params.get("train_images", 0)),
-                "wall_s": (run.info.end_time - run.info.start_time) / 1000, "model": spec["model"],
+                "parameters": trained.parameters, "train_images": int(run.data.params.get("train_images", 0)),
+                "wall_s": (run.info.end_time - run.info.start_time) / 1000, "model": trained.name,
             })
         accs = [r["acc"] for r in per_seed]
         mean = sum(accs) / len(accs)

@@ -1,14 +1,12 @@
-"""The MLflow layer: stage runs, params, models and artifacts that later stages load and check.
+"""The MLflow layer: stage runs, params, and fetching artifacts with errors that name the run and file.
 
-Every hand-over between stages goes through a run id and its artifacts. Weights travel as
-safetensors plus a JSON spec, so loading never unpickles anything and every load is checked
-against what the caller expects.
+Every hand-over between stages goes through a run id and its artifacts; the formats themselves are
+owned by ``kdd_mlflow.artifacts``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import json
@@ -27,11 +25,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 from pydantic import BaseModel
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import load_file
 
-from kdd_mlflow import models
-from kdd_mlflow.data import ZCA
 from kdd_mlflow.runtime import first_line
 
 log = logging.getLogger(__name__)
@@ -39,8 +34,6 @@ log = logging.getLogger(__name__)
 STAGE_TAG = "kdd.stage"
 ERROR_TAG = "kdd.error"
 CODE_TAG = "kdd.code_version"
-WEIGHTS_DIR = "weights"
-MODEL_STAGES = ("train", "teacher", "kd")  # the stages whose runs hold a model
 
 
 @functools.cache
@@ -208,26 +201,6 @@ def mark_failed(reason: str) -> None:
         log.warning("could not mark run %s failed: %s", run_id, exc)
 
 
-def log_model(model: nn.Module, spec: dict[str, Any], example: torch.Tensor, name: str = "model",
-              zca: ZCA | None = None) -> None:
-    """Log ``model`` twice: as an MLflow model (pt2, with signature and input example) for users, and
-    as safetensors weights plus ``spec`` for the stages, which load it without unpickling. A model that
-    takes ZCA-whitened inputs carries its whitening (``{name}.zca.safetensors``)."""
-    model.eval()
-    cpu_model = copy.deepcopy(model).to("cpu")
-    example = example[:2].detach().cpu()
-    mlflow.pytorch.log_model(
-        cpu_model, name=name, input_example=example.numpy(), serialization_format="pt2",
-    )
-    spec = {**spec, "zca": zca is not None}
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file({k: v.contiguous() for k, v in cpu_model.state_dict().items()}, f"{tmp}/{name}.safetensors")
-        if zca is not None:
-            save_file({k: v.contiguous() for k, v in zca.tensors().items()}, f"{tmp}/{name}.zca.safetensors")
-        Path(f"{tmp}/{name}.json").write_text(json.dumps(spec, indent=2))
-        mlflow.log_artifacts(tmp, WEIGHTS_DIR)
-
-
 def download(run_id: str, path: str, dst: str | Path | None = None) -> Path:
     """Download one artifact of a run, with an error that names the run and the file."""
     try:
@@ -256,24 +229,3 @@ def load_tensors(run_id: str, path: str, dst: str | Path | None = None) -> dict[
         return load_file(str(local))
     except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
         raise ArtifactError(f"run {run_id}: {path} is unreadable: {first_line(exc)}") from None
-
-
-def load_model(run_id: str, name: str = "model", expect: dict[str, Any] | None = None
-               ) -> tuple[nn.Module, dict, ZCA | None]:
-    """Rebuild a model logged by ``log_model``, check its spec against ``expect``; return it, its spec
-    and the ZCA whitening its inputs need (or None)."""
-    require_run(run_id, "model run", MODEL_STAGES)
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = load_json(run_id, f"{WEIGHTS_DIR}/{name}.json", tmp)
-        state = load_tensors(run_id, f"{WEIGHTS_DIR}/{name}.safetensors", tmp)
-        zca = ZCA.from_tensors(load_tensors(run_id, f"{WEIGHTS_DIR}/{name}.zca.safetensors", tmp)) \
-            if spec.get("zca") else None
-    for key, want in (expect or {}).items():
-        if spec.get(key) != want:
-            raise ArtifactError(f"run {run_id}: model {name} has {key}={spec.get(key)!r}, expected {want!r}")
-    model = models.create(spec["model"], spec["channels"], spec["num_classes"], spec["image_size"])
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ArtifactError(f"run {run_id}: {name} weights do not fit {spec['model']}: {exc}") from None
-    return model, spec, zca
