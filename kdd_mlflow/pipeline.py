@@ -27,8 +27,8 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from kdd_mlflow import config, data, metrics, report, tracking
+from kdd_mlflow.artifacts import find, synthetic
 from kdd_mlflow.artifacts import model as model_artifact
-from kdd_mlflow.artifacts import synthetic
 from kdd_mlflow.config import CombinedConfig, DistillConfig, ExpertsConfig, KDConfig, PipelineConfig, TeacherConfig
 from kdd_mlflow.runtime import first_line, pick_device
 
@@ -213,6 +213,10 @@ def run(cfg: CombinedConfig) -> str:
             synthetic_run = runner("distill", {**common, "seed": seed0, "experts_run": experts_run, "ipc": cfg.ipc},
                                    "distill")
             eval_model = distill_eval_model(synthetic_run)
+            if find.input_space(experts_run).zca is not None:
+                # every arm trains in the experts' whitened space, so the full-data teacher can be distilled on
+                # the synthetic set and fidelity compares models that saw the same inputs
+                common["space_run"] = experts_run  # kd arms take their teacher's space
 
         runs: dict[str, dict[int, str]] = {arm: {} for arm in arms}
         for seed in cfg.seed_list:
