@@ -139,9 +139,11 @@ def redact(text: str) -> str:
 
 def same_value(logged: str, value: str) -> bool:
     """Whether a param already on a run (as `mlflow run` logged it) is this string value."""
-    # `mlflow run` logs parameters shell-quoted ("''" for an empty string) and as typed ("0.010").
+    # `mlflow run` logs parameters shell-quoted ("''" for an empty string) and as typed ("0.010", "true").
     if logged in (value, shlex.quote(value)):
         return True
+    if {logged.lower(), value.lower()} <= {"true"} or {logged.lower(), value.lower()} <= {"false"}:
+        return True  # a boolean given as -P zca=true comes back from the config as True
     try:
         return float(logged) == float(value)
     except ValueError:

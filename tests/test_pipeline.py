@@ -77,3 +77,11 @@ def test_combined_without_data_fails_at_once(tmp_path):
 def test_arm_dependencies_are_added():
     assert pipeline.selected_with_needs(["proposal"]) == ["teacher-full", "teacher-synthetic", "proposal"]
     assert pipeline.selected_with_needs(["student-subset"]) == ["teacher-full", "student-subset"]
+
+
+def test_params_logged_by_mlflow_run_match_the_config_values():
+    from kdd_mlflow.tracking import same_value
+
+    assert same_value("true", "True") and same_value("False", "false") and same_value("''", "")
+    assert same_value("0.010", "0.01") and same_value("10", "10")
+    assert not same_value("true", "False") and not same_value("1", "True") and not same_value("a", "b")
