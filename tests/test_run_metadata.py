@@ -1,10 +1,11 @@
-"""What a stage run shows in MLflow besides its results: its experiment and its name."""
+"""What a stage run shows in MLflow besides its results: its experiment, its name and its dataset inputs."""
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from kdd_mlflow import tracking
+from kdd_mlflow import data, lineage, tracking
 from kdd_mlflow.config import TrainConfig
 
 CFG = TrainConfig(dataset="fashion-mnist")
@@ -42,3 +43,26 @@ def test_a_deleted_dataset_experiment_fails_in_one_line():
     mlflow.delete_experiment(mlflow.create_experiment("kdd-fashion-mnist"))
     with pytest.raises(ValueError, match="experiment 'kdd-fashion-mnist' is deleted: restore it"):
         stage()
+
+
+def test_dataset_inputs_carry_name_context_source_and_a_cheap_digest(monkeypatch):
+    images, labels = torch.randn(50, 1, 8, 8), torch.arange(50) % 10
+    train = data.Split(images, labels, "fashion-mnist-train", "/data/fashion-mnist")
+    synthetic = data.Split(images[:10], labels[:10], "synthetic-abc", "runs:/abc/synthetic")
+    with mlflow.start_run() as active:
+        lineage.log_inputs(training=synthetic, test=train.to("cpu"))
+    logged = {d.dataset.name: d for d in mlflow.get_run(active.info.run_id).inputs.dataset_inputs}
+    assert {n: d.tags[0].value for n, d in logged.items()} == {"synthetic-abc": "training",
+                                                                "fashion-mnist-train": "test"}
+    assert logged["synthetic-abc"].dataset.source == '{"uri": "runs:/abc/synthetic"}'
+    assert logged["fashion-mnist-train"].dataset.source_type == "local"
+    assert logged["fashion-mnist-train"].dataset.digest == lineage.digest(train)
+
+    monkeypatch.setattr(lineage, "DIGEST_BYTES", 3 * 64 * 4)  # three of the fifty images are hashed
+    relabelled = data.Split(images, labels.roll(1))
+    assert lineage.digest(relabelled) != lineage.digest(train)  # every label counts
+    hashed_image, unhashed_image = images.clone(), images.clone()
+    hashed_image[0] += 1
+    unhashed_image[1] += 1
+    assert lineage.digest(data.Split(hashed_image, labels)) != lineage.digest(train)
+    assert lineage.digest(data.Split(unhashed_image, labels)) == lineage.digest(train)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from kdd_mlflow import config, data, models, report, tracking
+from kdd_mlflow import config, data, lineage, models, report, tracking
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.config import DistillConfig
 from kdd_mlflow.distill.evaluate import evaluate_set, mean_std
@@ -113,6 +113,7 @@ def run(asked: DistillConfig) -> str:
         tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()},
                              "experts": len(manifest["experts"]), "zca": manifest["zca"]})
         mlflow.set_tag("kdd.device", str(device))
+        lineage.log_inputs(training=real.train, validation=real.val, test=real.test)
         student = FlatModel(models.create(manifest["model"], meta.channels, meta.num_classes, meta.image_size)
                             .to(device))
         init = initial_images(real, cfg.ipc, cfg.init, generator)
@@ -262,4 +263,5 @@ def load_synthetic(run_id: str, expect: dict | None = None) -> tuple[data.Split,
             or tuple(labels.shape) != (n,) or labels.dtype != torch.int64:
         raise tracking.ArtifactError(f"run {run_id}: synthetic set tensors do not match its spec {shape}")
     zca = data.ZCA.from_tensors(tensors) if spec["zca"] else None
-    return data.Split(images, labels), float(tensors["lr"][0]), spec, zca
+    split = data.Split(images, labels, f"synthetic-{run_id}", f"runs:/{run_id}/{SYNTHETIC_DIR}")
+    return split, float(tensors["lr"][0]), spec, zca

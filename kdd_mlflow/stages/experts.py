@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 from tqdm.auto import tqdm
 
-from kdd_mlflow import config, data, models, tracking
+from kdd_mlflow import config, data, lineage, models, tracking
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.config import ExpertsConfig
 from kdd_mlflow.distill.experts import TrajectoryMeta, layout, save_trajectory, train_expert
@@ -65,6 +65,7 @@ def run(asked: ExpertsConfig) -> str:
                             run_id=cfg.run_id, resolved=cfg) as active:
         run_id = active.info.run_id
         tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()}})
+        lineage.log_inputs(training=real.train, test=real.test)
         done = existing_experts(run_id)
         todo = [k for k in mine if k not in done]
         log.info("experts run %s: %d of this shard's %d experts to train (%s budget)", run_id, len(todo),

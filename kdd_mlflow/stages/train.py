@@ -9,7 +9,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from kdd_mlflow import config, data, metrics, models, tracking
+from kdd_mlflow import config, data, lineage, metrics, models, tracking
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.config import SGDStageConfig, TeacherConfig, TrainConfig
 from kdd_mlflow.runtime import pick_device, seed_everything
@@ -42,6 +42,7 @@ def train_and_log(model: nn.Module, model_name: str, transfer: data.Split, real:
     """
     mlflow.log_params({"parameters": models.count_parameters(model), "train_images": len(transfer)})
     mlflow.set_tag("kdd.device", str(device))
+    lineage.log_inputs(training=transfer, validation=real.val, test=real.test)
     log.info("training %s (%d parameters) on %d images, device %s", model_name, models.count_parameters(model),
              len(transfer), device)
     fit(
