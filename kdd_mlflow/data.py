@@ -12,7 +12,7 @@ import logging
 import os
 import pickle
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -295,16 +295,18 @@ def read_raw(name: str, root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 @dataclass
 class Split:
-    """Normalised images and their labels, held as tensors."""
+    """Normalised images and their labels, held as tensors, with where they came from."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    name: str = ""  # e.g. fashion-mnist-train, fashion-mnist-subset-ipc10, synthetic-RUN_ID
+    source: str = ""  # the directory the files were read from, or the run artifact (runs:/...)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to(self, device: torch.device | str) -> Split:
-        return Split(self.images.to(device), self.labels.to(device))
+        return replace(self, images=self.images.to(device), labels=self.labels.to(device))
 
 
 @dataclass
@@ -328,7 +330,7 @@ class RealData:
         """ipc random training images per class, ordered by class."""
         images = torch.cat([self.sample_class(c, ipc, generator) for c in range(self.info.num_classes)])
         labels = torch.arange(self.info.num_classes).repeat_interleave(ipc)
-        return Split(images, labels)
+        return Split(images, labels, f"{self.info.name}-subset-ipc{ipc}", self.train.source)
 
 
 def normalise(images: np.ndarray | torch.Tensor, meta: DatasetInfo) -> torch.Tensor:
@@ -385,9 +387,11 @@ def load(
         train_idx = np.sort(np.concatenate([
             rng.permutation(train_idx[train_labels[train_idx] == c])[:per_class] for c in range(meta.num_classes)
         ]))
-    train = Split(normalise(train_images[train_idx], meta), torch.as_tensor(train_labels[train_idx]))
-    val = Split(normalise(train_images[val_idx], meta), torch.as_tensor(train_labels[val_idx]))
-    test = Split(normalise(raw["test"][0], meta), torch.as_tensor(raw["test"][1]))
+    source = str(root)
+    train = Split(normalise(train_images[train_idx], meta), torch.as_tensor(train_labels[train_idx]), f"{name}-train",
+                  source)
+    val = Split(normalise(train_images[val_idx], meta), torch.as_tensor(train_labels[val_idx]), f"{name}-val", source)
+    test = Split(normalise(raw["test"][0], meta), torch.as_tensor(raw["test"][1]), f"{name}-test", source)
     class_indices = [torch.nonzero(train.labels == c).flatten() for c in range(meta.num_classes)]
     return RealData(meta, train, val, test, class_indices)
 

@@ -119,7 +119,7 @@ class Runner:
             if watch is not None:
                 wait_watching(submitted, watch, self.poll_s)
         except mlflow.projects.ExecutionException as exc:
-            raise StageFailed(f"stage {name} failed: {failure_reason(exc)}") from None
+            raise StageFailed(f"stage {name} failed: {failure_reason(exc, self.experiment_id)}") from None
         run_id = submitted.run_id
         if arm:
             MlflowClient().set_tag(run_id, ARM_TAG, arm)
@@ -149,10 +149,10 @@ def wait_watching(submitted, watch: Watch, poll_s: float) -> None:
         raise mlflow.projects.ExecutionException(f"run {submitted.run_id} ended {submitted.get_status()}")
 
 
-def failure_reason(exc: Exception) -> str:
+def failure_reason(exc: Exception, experiment_id: str) -> str:
     """The failed child's recorded reason, when it recorded one."""
-    runs = mlflow.search_runs(filter_string="attributes.status = 'FAILED'", order_by=["attributes.start_time DESC"],
-                              max_results=1, output_format="list")
+    runs = mlflow.search_runs([experiment_id], filter_string="attributes.status = 'FAILED'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     if runs and tracking.ERROR_TAG in runs[0].data.tags:
         return f"run {runs[0].info.run_id}: {runs[0].data.tags[tracking.ERROR_TAG]}"
     return first_line(exc)

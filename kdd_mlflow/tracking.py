@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import mlflow
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 from pydantic import BaseModel
@@ -165,18 +166,56 @@ def log_params(params: dict[str, object]) -> None:
         mlflow.log_params(new)
 
 
+def generated_name(name: str) -> bool:
+    """Whether ``name`` is one MLflow made up for a run created without a name (``bright-fox-123``)."""
+    from mlflow.utils.name_utils import _GENERATOR_NOUNS, _GENERATOR_PREDICATES
+
+    parts = name.split("-")
+    return len(parts) == 3 and parts[0] in _GENERATOR_PREDICATES and parts[1] in _GENERATOR_NOUNS \
+        and parts[2].isdigit()
+
+
+def default_experiment(name: str) -> str | None:
+    """The id of experiment ``name`` (created if missing) for a new run, or None where the user chose one
+    (``mlflow.set_experiment`` in this process, MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID)."""
+    if mlflow.tracking.fluent._active_experiment_id or os.environ.get("MLFLOW_EXPERIMENT_NAME") \
+            or os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return None
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException as exc:  # another worker created it a moment ago
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage != "active":
+        raise ValueError(f"experiment {name!r} is deleted: restore it (mlflow experiments restore --experiment-id "
+                         f"{experiment.experiment_id}) or choose another with MLFLOW_EXPERIMENT_NAME")
+    return experiment.experiment_id
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, config: BaseModel, run_name: str | None = None, nested: bool = False,
               tags: dict[str, str] | None = None, run_id: str | None = None,
-              resolved: BaseModel | None = None) -> Iterator[mlflow.ActiveRun]:
+              resolved: BaseModel | None = None, experiment: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Start the run of one stage (join the one ``mlflow run`` made, or reopen ``run_id``).
 
+    A new run goes to ``experiment`` (default ``kdd-DATASET``) unless the user chose one; a joined run stays
+    where it is and keeps the name its launcher gave it (``proposal/seed0``), else gets ``run_name``.
     ``config`` (as asked) is logged as params; ``resolved`` (budget values filled in), or ``config``,
     as config.json. A failure inside ends the run FAILED with the one-line reason as a tag.
     """
     if run_id is not None:
         require_run(run_id)
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else (run_name or stage), nested=nested)
+    if run_id or os.environ.get("MLFLOW_RUN_ID"):
+        run = mlflow.start_run(run_id=run_id, nested=nested)
+        if generated_name(run.info.run_name):
+            MlflowClient().update_run(run.info.run_id, name=run_name or stage)
+    else:
+        run = mlflow.start_run(run_name=run_name or stage, nested=nested,
+                               experiment_id=default_experiment(experiment or f"kdd-{config.dataset}"))
     try:
         mlflow.set_tags({STAGE_TAG: stage, CODE_TAG: code_version(), **(tags or {})})
         log_params(flat_params(config))

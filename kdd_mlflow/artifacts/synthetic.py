@@ -35,11 +35,14 @@ class DistilledSet:
     model: str  # the network the set was distilled for (and is evaluated with)
     space: InputSpace
     soft_labels: torch.Tensor | None = None
+    run_id: str | None = None  # the distill run it was loaded from
 
     @property
     def split(self) -> data.Split:
-        """The set as training data (hard labels)."""
-        return data.Split(self.images, self.labels)
+        """The set as training data (hard labels), named after its run."""
+        if self.run_id is None:
+            return data.Split(self.images, self.labels, f"{self.space.dataset}-synthetic-ipc{self.ipc}")
+        return data.Split(self.images, self.labels, f"synthetic-{self.run_id}", f"runs:/{self.run_id}/{DIRECTORY}")
 
     def spec(self) -> dict:
         meta = self.space.info
@@ -92,7 +95,7 @@ def load(run_id: str, expect: dict | None = None) -> DistilledSet:
     except (ValueError, KeyError) as exc:
         raise tracking.ArtifactError(f"run {run_id}: {TENSORS}: {exc}") from None
     return DistilledSet(tensors["images"], tensors["labels"], float(tensors["lr"][0]), spec["ipc"], spec["model"],
-                        space, tensors.get("soft_labels"))
+                        space, tensors.get("soft_labels"), run_id)
 
 
 def spec(run_id: str) -> dict:

@@ -19,7 +19,7 @@ import mlflow
 import torch
 from tqdm.auto import tqdm
 
-from kdd_mlflow import config, data, models, report, tracking
+from kdd_mlflow import config, data, lineage, models, report, tracking
 from kdd_mlflow.artifacts import synthetic
 from kdd_mlflow.artifacts.experts import ExpertsBuffer
 from kdd_mlflow.artifacts.space import InputSpace
@@ -94,6 +94,7 @@ def run(asked: DistillConfig) -> str:
                              "experts": len(manifest["experts"]), "zca": manifest["zca"],
                              "zca_digest": buffer.space.digest})
         mlflow.set_tag("kdd.device", str(device))
+        lineage.log_inputs(training=real.train, validation=real.val, test=real.test)
         student = FlatModel(models.create(manifest["model"], meta.channels, meta.num_classes, meta.image_size)
                             .to(device))
         init = initial_images(real, cfg.ipc, cfg.init, generator)

@@ -13,7 +13,7 @@ import time
 import mlflow
 from tqdm.auto import tqdm
 
-from kdd_mlflow import config, data, models, tracking
+from kdd_mlflow import config, data, lineage, models, tracking
 from kdd_mlflow.artifacts import experts as buffer
 from kdd_mlflow.artifacts.space import InputSpace
 from kdd_mlflow.augment import DSA
@@ -46,6 +46,7 @@ def run(asked: ExpertsConfig) -> str:
         tracking.log_params({"budget.resolved": budget, **{f"budget.{k}": v for k, v in filled.items()}})
         space = input_space(cfg, real, run_id if cfg.run_id else None)
         space.enter(real)
+        lineage.log_inputs(training=real.train, test=real.test)
         meta = real.info
         done = buffer.existing_experts(run_id)
         todo = [k for k in mine if k not in done]

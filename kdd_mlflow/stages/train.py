@@ -9,7 +9,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from kdd_mlflow import config, data, metrics, models, tracking
+from kdd_mlflow import config, data, lineage, metrics, models, tracking
 from kdd_mlflow.artifacts import find, synthetic
 from kdd_mlflow.artifacts import model as model_artifact
 from kdd_mlflow.artifacts.space import InputSpace
@@ -35,6 +35,7 @@ def train_and_log(model: nn.Module, model_name: str, transfer: data.Split, real:
     """
     mlflow.log_params({"parameters": models.count_parameters(model), "train_images": len(transfer)})
     mlflow.set_tag("kdd.device", str(device))
+    lineage.log_inputs(training=transfer, validation=real.val, test=real.test)
     log.info("training %s (%d parameters) on %d images, device %s", model_name, models.count_parameters(model),
              len(transfer), device)
     fit(
