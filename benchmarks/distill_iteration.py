@@ -13,10 +13,12 @@ import json
 import platform
 import resource
 import time
+from pathlib import Path
 
 import click
 import torch
 
+import kdd_mlflow
 from kdd_mlflow import data, models
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.distill.experts import flat_parameters
@@ -83,7 +85,7 @@ def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment,
         "seconds_per_iteration": sum(times) / len(times), "seconds_min": min(times),
         "peak_rss_mib": round(peak_rss_mib(), 1), "rss_growth_mib": round(peak_rss_mib() - baseline, 1),
         "parameters": student.num_params, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        "machine": platform.machine(), "package": str(Path(kdd_mlflow.__file__).parent),
     }
     if dev.type == "cuda":
         result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -225,6 +225,8 @@ class TeacherConfig(SGDStageConfig):
     model: str | None = Field(None, description="teacher architecture (quick: convnet-w32, paper: resnet18)")
     synthetic_run: str | None = Field(None, description="distill run id: train on its synthetic set, not real data")
     ipc: int | None = Field(None, ge=1, description="train on a random real subset of ipc images per class instead")
+    space_run: str | None = Field(None, description="experts, distill or model run whose input space (its ZCA "
+                                                    "whitening) the data is mapped into; a synthetic set must agree")
     augment: Literal["none", "dsa"] | None = Field(None, description="augmentation (real: none; synthetic: dsa)")
 
     @field_validator("model")

@@ -12,7 +12,7 @@ import logging
 import os
 import pickle
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,10 @@ class DataUnavailableError(RuntimeError):
     """No copy of the dataset was found and it could not be downloaded."""
 
 
+class DatasetFileError(ValueError):
+    """A dataset file is unreadable or holds what a dataset file must not (the message names the file)."""
+
+
 def info(name: str) -> DatasetInfo:
     """Metadata of a dataset by name."""
     try:
@@ -112,20 +116,23 @@ def _open_maybe_gz(path: Path):
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped) into a numpy array of its declared shape."""
     path = Path(path)
-    with _open_maybe_gz(path) as f:
-        raw = f.read()
+    try:
+        with _open_maybe_gz(path) as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:  # a damaged .gz: BadGzipFile, or EOFError when cut short
+        raise DatasetFileError(f"{path}: unreadable ({type(exc).__name__}: {first_line(exc)})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (bad magic)")
+        raise DatasetFileError(f"{path}: not an IDX file (bad magic)")
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if raw[2] not in dtypes:
-        raise ValueError(f"{path}: unknown IDX element type 0x{raw[2]:02x}")
+        raise DatasetFileError(f"{path}: unknown IDX element type 0x{raw[2]:02x}")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(dtypes[raw[2]])
     offset = 4 + 4 * ndim
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - offset != expected:
-        raise ValueError(f"{path}: IDX payload is {len(raw) - offset} bytes, header says {expected}")
+        raise DatasetFileError(f"{path}: IDX payload is {len(raw) - offset} bytes, header says {expected}")
     return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(shape)
 
 
@@ -137,15 +144,26 @@ def read_cifar_batches(paths: Iterable[Path], label_key: str) -> tuple[np.ndarra
     """
     images, labels = [], []
     for path in paths:
-        with open(path, "rb") as f:
-            batch = _SafeUnpickler(f, encoding="latin1").load()
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        try:
+            with open(path, "rb") as f:
+                batch = _SafeUnpickler(f, encoding="latin1").load()
+            data = np.asarray(batch["data"], dtype=np.uint8)
+            images.append(data.reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        except DatasetFileError:
+            raise
+        except Exception as exc:  # a truncated or foreign file fails in many ways (EOFError, KeyError, ...)
+            raise DatasetFileError(f"{path}: not a readable CIFAR batch ({type(exc).__name__}: "
+                                   f"{first_line(exc)})") from None
     return np.concatenate(images), np.concatenate(labels)
 
 
+
 class _SafeUnpickler(pickle.Unpickler):
+    def __init__(self, f, **kwargs):
+        super().__init__(f, **kwargs)
+        self.path = getattr(f, "name", "dataset file")
+
     _ALLOWED = {
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
@@ -155,7 +173,8 @@ class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
+        raise DatasetFileError(f"{self.path}: refused to load {module}.{name} (dataset files hold only arrays "
+                               "and lists; this one holds code or objects)")
 
 
 def _find_idx(root: Path, split: str) -> tuple[Path, Path] | None:
@@ -276,16 +295,18 @@ def read_raw(name: str, root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 @dataclass
 class Split:
-    """Normalised images and their labels, held as tensors."""
+    """Normalised images and their labels, held as tensors, with where they came from."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    name: str = ""  # e.g. fashion-mnist-train, fashion-mnist-subset-ipc10, synthetic-RUN_ID
+    source: str = ""  # the directory the files were read from, or the run artifact (runs:/...)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to(self, device: torch.device | str) -> Split:
-        return Split(self.images.to(device), self.labels.to(device))
+        return replace(self, images=self.images.to(device), labels=self.labels.to(device))
 
 
 @dataclass
@@ -309,7 +330,7 @@ class RealData:
         """ipc random training images per class, ordered by class."""
         images = torch.cat([self.sample_class(c, ipc, generator) for c in range(self.info.num_classes)])
         labels = torch.arange(self.info.num_classes).repeat_interleave(ipc)
-        return Split(images, labels)
+        return Split(images, labels, f"{self.info.name}-subset-ipc{ipc}", self.train.source)
 
 
 def normalise(images: np.ndarray | torch.Tensor, meta: DatasetInfo) -> torch.Tensor:
@@ -366,9 +387,11 @@ def load(
         train_idx = np.sort(np.concatenate([
             rng.permutation(train_idx[train_labels[train_idx] == c])[:per_class] for c in range(meta.num_classes)
         ]))
-    train = Split(normalise(train_images[train_idx], meta), torch.as_tensor(train_labels[train_idx]))
-    val = Split(normalise(train_images[val_idx], meta), torch.as_tensor(train_labels[val_idx]))
-    test = Split(normalise(raw["test"][0], meta), torch.as_tensor(raw["test"][1]))
+    source = str(root)
+    train = Split(normalise(train_images[train_idx], meta), torch.as_tensor(train_labels[train_idx]), f"{name}-train",
+                  source)
+    val = Split(normalise(train_images[val_idx], meta), torch.as_tensor(train_labels[val_idx]), f"{name}-val", source)
+    test = Split(normalise(raw["test"][0], meta), torch.as_tensor(raw["test"][1]), f"{name}-test", source)
     class_indices = [torch.nonzero(train.labels == c).flatten() for c in range(meta.num_classes)]
     return RealData(meta, train, val, test, class_indices)
 

@@ -22,6 +22,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from kdd_mlflow import arms, budgets, data, metrics, report, tracking
+from kdd_mlflow.artifacts import find, synthetic
+from kdd_mlflow.artifacts import model as model_artifact
 from kdd_mlflow.config import STAGE_CONFIGS, CombinedConfig, PipelineConfig
 from kdd_mlflow.runtime import first_line, pick_device
 
@@ -104,7 +106,7 @@ class Runner:
             if watch is not None:
                 wait_watching(submitted, watch, self.poll_s)
         except mlflow.projects.ExecutionException as exc:
-            raise StageFailed(f"stage {name} failed: {failure_reason(exc)}") from None
+            raise StageFailed(f"stage {name} failed: {failure_reason(exc, self.experiment_id)}") from None
         run_id = submitted.run_id
         if arm:
             MlflowClient().set_tag(run_id, ARM_TAG, arm)
@@ -134,10 +136,10 @@ def wait_watching(submitted, watch: Watch, poll_s: float) -> None:
         raise mlflow.projects.ExecutionException(f"run {submitted.run_id} ended {submitted.get_status()}")
 
 
-def failure_reason(exc: Exception) -> str:
+def failure_reason(exc: Exception, experiment_id: str) -> str:
     """The failed child's recorded reason, when it recorded one."""
-    runs = mlflow.search_runs(filter_string="attributes.status = 'FAILED'", order_by=["attributes.start_time DESC"],
-                              max_results=1, output_format="list")
+    runs = mlflow.search_runs([experiment_id], filter_string="attributes.status = 'FAILED'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     if runs and tracking.ERROR_TAG in runs[0].data.tags:
         return f"run {runs[0].info.run_id}: {runs[0].data.tags[tracking.ERROR_TAG]}"
     return first_line(exc)
@@ -216,6 +218,10 @@ def run(cfg: CombinedConfig) -> str:
             context.synthetic_run = runner("distill", {**common, "seed": first, "experts_run": experts_run,
                                                        "ipc": cfg.ipc}, "distill")
             context.eval_model = distill_eval_model(context.synthetic_run)
+            if find.input_space(experts_run).zca is not None:
+                # every arm trains in the experts' whitened space, so the full-data teacher can be distilled on
+                # the synthetic set and fidelity compares models that saw the same inputs
+                common["space_run"] = experts_run  # kd arms take their teacher's space
 
         kd_params = {"kd": {"temperature": cfg.temperature, "alpha": cfg.alpha}}
         runs: dict[str, dict[int, str]] = {name: {} for name in selected}
@@ -236,28 +242,30 @@ def run(cfg: CombinedConfig) -> str:
 
 
 def distill_eval_model(distill_run: str) -> str:
-    return mlflow.artifacts.load_dict(f"runs:/{distill_run}/config.json")["eval_model"]
+    """The network a distill run's set was distilled for."""
+    return synthetic.spec(distill_run)["model"]
 
 
 def compare(cfg: CombinedConfig, runs: dict[str, dict[int, str]], device) -> list[dict]:
     """One row per arm: accuracy (mean and std over seeds), fidelity to the full-data teacher, and costs."""
-    from kdd_mlflow.stages.evaluate import test_logits
-
     real = data.load(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_limit)
     labels = real.test.labels.to(device)
     full_images = len(real.train)
     client = MlflowClient()
-    reference = {s: test_logits(r, real, device)[0] for s, r in runs[arms.REFERENCE].items()}
+    expect = {"dataset": cfg.dataset}
+    reference = {s: model_artifact.load(r, expect).logits(real.test.images, device)
+                 for s, r in runs[arms.REFERENCE].items()}
     rows = []
     for arm in (name for name in arms.ARMS if name == arms.REFERENCE or name in cfg.arm_list):
         per_seed = []
         for seed, run_id in runs[arm].items():
-            logits, spec, params = test_logits(run_id, real, device)
+            trained = model_artifact.load(run_id, expect)
+            logits = trained.logits(real.test.images, device)
             run = client.get_run(run_id)
             per_seed.append({
                 **metrics.classification(logits, labels), **metrics.fidelity(reference[seed], logits),
-                "parameters": params, "train_images": int(run.data.params.get("train_images", 0)),
-                "wall_s": (run.info.end_time - run.info.start_time) / 1000, "model": spec["model"],
+                "parameters": trained.parameters, "train_images": int(run.data.params.get("train_images", 0)),
+                "wall_s": (run.info.end_time - run.info.start_time) / 1000, "model": trained.name,
             })
         accs = [r["acc"] for r in per_seed]
         mean = sum(accs) / len(accs)

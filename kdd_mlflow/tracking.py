@@ -1,14 +1,12 @@
-"""The MLflow layer: stage runs, params, models and artifacts that later stages load and check.
+"""The MLflow layer: stage runs, params, and fetching artifacts with errors that name the run and file.
 
-Every hand-over between stages goes through a run id and its artifacts. Weights travel as
-safetensors plus a JSON spec, so loading never unpickles anything and every load is checked
-against what the caller expects.
+Every hand-over between stages goes through a run id and its artifacts; the formats themselves are
+owned by ``kdd_mlflow.artifacts``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import json
@@ -24,14 +22,12 @@ from urllib.parse import urlparse
 
 import mlflow
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 from pydantic import BaseModel
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import load_file
 
-from kdd_mlflow import models
-from kdd_mlflow.data import ZCA
 from kdd_mlflow.runtime import first_line
 
 log = logging.getLogger(__name__)
@@ -39,8 +35,6 @@ log = logging.getLogger(__name__)
 STAGE_TAG = "kdd.stage"
 ERROR_TAG = "kdd.error"
 CODE_TAG = "kdd.code_version"
-WEIGHTS_DIR = "weights"
-MODEL_STAGES = ("train", "teacher", "kd")  # the stages whose runs hold a model
 
 
 @functools.cache
@@ -146,9 +140,11 @@ def redact(text: str) -> str:
 
 def same_value(logged: str, value: str) -> bool:
     """Whether a param already on a run (as `mlflow run` logged it) is this string value."""
-    # `mlflow run` logs parameters shell-quoted ("''" for an empty string) and as typed ("0.010").
+    # `mlflow run` logs parameters shell-quoted ("''" for an empty string) and as typed ("0.010", "true").
     if logged in (value, shlex.quote(value)):
         return True
+    if {logged.lower(), value.lower()} <= {"true"} or {logged.lower(), value.lower()} <= {"false"}:
+        return True  # a boolean given as -P zca=true comes back from the config as True
     try:
         return float(logged) == float(value)
     except ValueError:
@@ -170,18 +166,56 @@ def log_params(params: dict[str, object]) -> None:
         mlflow.log_params(new)
 
 
+def generated_name(name: str) -> bool:
+    """Whether ``name`` is one MLflow made up for a run created without a name (``bright-fox-123``)."""
+    from mlflow.utils.name_utils import _GENERATOR_NOUNS, _GENERATOR_PREDICATES
+
+    parts = name.split("-")
+    return len(parts) == 3 and parts[0] in _GENERATOR_PREDICATES and parts[1] in _GENERATOR_NOUNS \
+        and parts[2].isdigit()
+
+
+def default_experiment(name: str) -> str | None:
+    """The id of experiment ``name`` (created if missing) for a new run, or None where the user chose one
+    (``mlflow.set_experiment`` in this process, MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID)."""
+    if mlflow.tracking.fluent._active_experiment_id or os.environ.get("MLFLOW_EXPERIMENT_NAME") \
+            or os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return None
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException as exc:  # another worker created it a moment ago
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage != "active":
+        raise ValueError(f"experiment {name!r} is deleted: restore it (mlflow experiments restore --experiment-id "
+                         f"{experiment.experiment_id}) or choose another with MLFLOW_EXPERIMENT_NAME")
+    return experiment.experiment_id
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, config: BaseModel, run_name: str | None = None, nested: bool = False,
               tags: dict[str, str] | None = None, run_id: str | None = None,
-              resolved: BaseModel | None = None) -> Iterator[mlflow.ActiveRun]:
+              resolved: BaseModel | None = None, experiment: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Start the run of one stage (join the one ``mlflow run`` made, or reopen ``run_id``).
 
+    A new run goes to ``experiment`` (default ``kdd-DATASET``) unless the user chose one; a joined run stays
+    where it is and keeps the name its launcher gave it (``proposal/seed0``), else gets ``run_name``.
     ``config`` (as asked) is logged as params; ``resolved`` (budget values filled in), or ``config``,
     as config.json. A failure inside ends the run FAILED with the one-line reason as a tag.
     """
     if run_id is not None:
         require_run(run_id)
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else (run_name or stage), nested=nested)
+    if run_id or os.environ.get("MLFLOW_RUN_ID"):
+        run = mlflow.start_run(run_id=run_id, nested=nested)
+        if generated_name(run.info.run_name):
+            MlflowClient().update_run(run.info.run_id, name=run_name or stage)
+    else:
+        run = mlflow.start_run(run_name=run_name or stage, nested=nested,
+                               experiment_id=default_experiment(experiment or f"kdd-{config.dataset}"))
     try:
         mlflow.set_tags({STAGE_TAG: stage, CODE_TAG: code_version(), **(tags or {})})
         log_params(flat_params(config))
@@ -206,26 +240,6 @@ def mark_failed(reason: str) -> None:
         client.set_terminated(run_id, "FAILED")
     except Exception as exc:  # the store itself may be the problem; the exit code still says it
         log.warning("could not mark run %s failed: %s", run_id, exc)
-
-
-def log_model(model: nn.Module, spec: dict[str, Any], example: torch.Tensor, name: str = "model",
-              zca: ZCA | None = None) -> None:
-    """Log ``model`` twice: as an MLflow model (pt2, with signature and input example) for users, and
-    as safetensors weights plus ``spec`` for the stages, which load it without unpickling. A model that
-    takes ZCA-whitened inputs carries its whitening (``{name}.zca.safetensors``)."""
-    model.eval()
-    cpu_model = copy.deepcopy(model).to("cpu")
-    example = example[:2].detach().cpu()
-    mlflow.pytorch.log_model(
-        cpu_model, name=name, input_example=example.numpy(), serialization_format="pt2",
-    )
-    spec = {**spec, "zca": zca is not None}
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file({k: v.contiguous() for k, v in cpu_model.state_dict().items()}, f"{tmp}/{name}.safetensors")
-        if zca is not None:
-            save_file({k: v.contiguous() for k, v in zca.tensors().items()}, f"{tmp}/{name}.zca.safetensors")
-        Path(f"{tmp}/{name}.json").write_text(json.dumps(spec, indent=2))
-        mlflow.log_artifacts(tmp, WEIGHTS_DIR)
 
 
 def download(run_id: str, path: str, dst: str | Path | None = None) -> Path:
@@ -256,24 +270,3 @@ def load_tensors(run_id: str, path: str, dst: str | Path | None = None) -> dict[
         return load_file(str(local))
     except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
         raise ArtifactError(f"run {run_id}: {path} is unreadable: {first_line(exc)}") from None
-
-
-def load_model(run_id: str, name: str = "model", expect: dict[str, Any] | None = None
-               ) -> tuple[nn.Module, dict, ZCA | None]:
-    """Rebuild a model logged by ``log_model``, check its spec against ``expect``; return it, its spec
-    and the ZCA whitening its inputs need (or None)."""
-    require_run(run_id, "model run", MODEL_STAGES)
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = load_json(run_id, f"{WEIGHTS_DIR}/{name}.json", tmp)
-        state = load_tensors(run_id, f"{WEIGHTS_DIR}/{name}.safetensors", tmp)
-        zca = ZCA.from_tensors(load_tensors(run_id, f"{WEIGHTS_DIR}/{name}.zca.safetensors", tmp)) \
-            if spec.get("zca") else None
-    for key, want in (expect or {}).items():
-        if spec.get(key) != want:
-            raise ArtifactError(f"run {run_id}: model {name} has {key}={spec.get(key)!r}, expected {want!r}")
-    model = models.create(spec["model"], spec["channels"], spec["num_classes"], spec["image_size"])
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ArtifactError(f"run {run_id}: {name} weights do not fit {spec['model']}: {exc}") from None
-    return model, spec, zca

@@ -226,7 +226,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         values = {d.name: suggest(trial, d) for d in self.cfg.space}
         name = f"trial-{trial.number}"
-        run = mlflow.start_run(run_name=name, nested=True)
+        run = mlflow.start_run(run_name=name, nested=True, experiment_id=self.experiment_id)
         mlflow.set_tags({PARENT_TAG: self.study_run, tracking.STAGE_TAG: "trial", "kdd.worker_run": self.worker_run,
                          "optuna.study": trial.study.study_name, "optuna.trial_number": str(trial.number)})
         mlflow.log_params(values)
@@ -380,7 +380,7 @@ def run(cfg: TuneConfig) -> str:
     budget = resolved.budget
     study_name = cfg.study_name or f"kdd-{cfg.dataset}-{budget}"
     storage = open_storage(cfg.storage, cfg.heartbeat)
-    with tracking.stage_run("tune", cfg, run_name=f"tune-{study_name}") as mine:
+    with tracking.stage_run("tune", cfg, run_name=f"tune-{study_name}", experiment=study_name) as mine:
         my_run = mine.info.run_id
         with storage_lock(cfg.storage, study_name):
             study, study_run, created = join_study(cfg, storage, study_name, my_run)

@@ -42,8 +42,30 @@ def test_cifar_reader_refuses_code_in_pickles(tmp_path):
 
     path = tmp_path / "batch"
     path.write_bytes(pickle.dumps({"data": Evil(), "labels": [0]}))
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    with pytest.raises(data.DatasetFileError, match=f"{path}: refused to load builtins.print"):
         data.read_cifar_batches([path], "labels")
+
+
+def test_a_refused_or_damaged_dataset_file_is_one_line_naming_it(tmp_path):
+    from click.testing import CliRunner
+
+    from kdd_mlflow import cli
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    root = write_cifar_dataset(tmp_path, "cifar10", n_train=100, n_test=20)
+    batch = root / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(pickle.dumps({"data": Evil(), "labels": [0]}))
+    args = ["train", "--dataset", "cifar10", "--data-dir", str(root), "--val-size", "20", "--epochs", "1"]
+    result = CliRunner().invoke(cli.main, args)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kdd ")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"{batch}: refused to load builtins.print" in errors[0]
+    batch.write_bytes(b"\x80\x02}q\x00(X")  # a pickle cut short
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 1 and f"{batch}: not a readable CIFAR batch" in result.stderr
 
 
 def test_resolution_order(tmp_path, monkeypatch):

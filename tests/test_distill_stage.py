@@ -7,6 +7,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from kdd_mlflow import budgets, cli, data, tracking
+from kdd_mlflow.artifacts import experts as buffer
+from kdd_mlflow.artifacts import synthetic
 from kdd_mlflow.config import DistillConfig, ExpertsConfig
 from kdd_mlflow.stages import distill as distill_stage
 from kdd_mlflow.stages import experts as experts_stage
@@ -51,12 +53,13 @@ def test_experts_then_distill_end_to_end(fake_fashion):
     html = mlflow.artifacts.load_text(f"runs:/{run_id}/synthetic/grid.html")
     assert 'src="https://' not in html and len(html) > 1_000_000  # plotly.js inlined: renders offline
 
-    synthetic, lr, spec, zca = distill_stage.load_synthetic(run_id, expect={"dataset": "fashion-mnist"})
-    assert synthetic.images.shape == (20, 1, 28, 28) and synthetic.labels.tolist() == [c for c in range(10)
+    distilled = synthetic.load(run_id, expect={"dataset": "fashion-mnist"})
+    lr, zca, spec = distilled.lr, distilled.space.zca, distilled.spec()
+    assert distilled.images.shape == (20, 1, 28, 28) and distilled.labels.tolist() == [c for c in range(10)
                                                                                        for _ in range(2)]
     assert lr == pytest.approx(run.data.metrics["learned_lr"]) and zca is None and spec["ipc"] == 2
     with pytest.raises(tracking.ArtifactError, match="expected 'mnist'"):
-        distill_stage.load_synthetic(run_id, expect={"dataset": "mnist"})
+        synthetic.load(run_id, expect={"dataset": "mnist"})
 
 
 def test_shards_fill_one_buffer_and_a_rerun_trains_only_missing_experts(fake_fashion, monkeypatch):
@@ -64,7 +67,7 @@ def test_shards_fill_one_buffer_and_a_rerun_trains_only_missing_experts(fake_fas
     second = experts_stage.run(experts_config(fake_fashion, num_experts=3, shard="1/2"))
     assert artifact_names(first, "trajectories") == {"expert_0000.safetensors", "expert_0002.safetensors"}
     assert artifact_names(second, "trajectories") == {"expert_0001.safetensors"}
-    assert len(experts_stage.load_manifests([first, second])["experts"]) == 3
+    assert len(buffer.load_manifests([first, second])["experts"]) == 3
     # after its first expert, a run with more to train logs how long the rest will take
     assert mlflow.get_run(first).data.metrics["estimated_remaining_s"] > 0
     assert "estimated_remaining_s" not in mlflow.get_run(second).data.metrics  # nothing left after the one

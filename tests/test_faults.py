@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from kdd_mlflow import cli
+from kdd_mlflow.artifacts import experts as buffer
 from kdd_mlflow.config import TrainConfig
 from kdd_mlflow.stages import distill as distill_stage
 from kdd_mlflow.stages import experts as experts_stage
@@ -103,20 +104,20 @@ def test_killed_experts_loses_at_most_the_expert_in_progress(fake_fashion, tmp_p
 
     def first_expert_stored() -> bool:
         ids = running("experts")
-        return bool(ids) and len(experts_stage.existing_experts(ids[0])) >= 1
+        return bool(ids) and len(buffer.existing_experts(ids[0])) >= 1
 
     wait_for(first_expert_stored, victim)
     killed = running("experts")[0]
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    kept = experts_stage.existing_experts(killed)
+    kept = buffer.existing_experts(killed)
     before = {k: hashlib.sha256(artifact_file(killed, f"trajectories/{e['file']}").read_bytes()).hexdigest()
               for k, e in kept.items()}
     assert 1 <= len(kept) <= 2
 
     [resumed] = finish(start_kdd("experts", *args, "--run-id", killed, cwd=tmp_path))
     assert resumed.run_id == killed and f"{3 - len(kept)} of this shard's 3 experts to train" in resumed.err
-    done = experts_stage.existing_experts(killed)
+    done = buffer.existing_experts(killed)
     assert sorted(done) == [0, 1, 2] and mlflow.get_run(killed).info.status == "FINISHED"
     for k, digest in before.items():  # what was stored survives untouched: only the missing ones were trained
         assert hashlib.sha256(artifact_file(killed, f"trajectories/{done[k]['file']}").read_bytes()).hexdigest() \

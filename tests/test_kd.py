@@ -151,7 +151,8 @@ def test_teacher_kd_and_evaluate_stages(fake_fashion):
 
     eval_run = evaluate_stage.run(EvaluateConfig(**{k: v for k, v in common.items() if k != "budget"},
                                                  runs=f"{student_run},{syn_student}", reference=teacher_run))
-    table = mlflow.load_table("evaluation.json", run_ids=[eval_run])
+    table = mlflow.MlflowClient().load_table(mlflow.get_run(eval_run).info.experiment_id, "evaluation.json",
+                                              [eval_run])
     assert len(table) == 2 and {"acc", "nll", "ece", "agreement", "kl"} <= set(table.columns)
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(eval_run)}
     assert {"evaluation.csv", "evaluation.md", "evaluation.html"} <= names

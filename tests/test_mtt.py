@@ -6,15 +6,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from kdd_mlflow import data, models
+from kdd_mlflow.artifacts.experts import Trajectory, TrajectoryMeta, layout, save_trajectory
 from kdd_mlflow.augment import DSA
-from kdd_mlflow.distill.experts import (
-    Trajectory,
-    TrajectoryMeta,
-    flat_parameters,
-    layout,
-    save_trajectory,
-    train_expert,
-)
+from kdd_mlflow.distill.experts import flat_parameters, train_expert
 from kdd_mlflow.distill.mtt import (
     FlatModel,
     SyntheticSet,

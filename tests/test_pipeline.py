@@ -35,17 +35,27 @@ def test_combined_runs_every_arm_then_reuses_them(fake_fashion):
     assert all(k.info.status == "FINISHED" for k in kids)
     assert {k.data.tags.get("kdd.arm") for k in kids} == set(ARMS) | {None}
     assert {k.data.tags["kdd.stage"] for k in kids} == {"experts", "distill", "teacher", "kd"}
+    assert {k.info.run_name for k in kids} == {f"{arm}/seed0" for arm in ARMS} | {"experts", "distill"}
+    assert mlflow.get_experiment(parent.info.experiment_id).name == "kdd-fashion-mnist"
+    assert {k.info.experiment_id for k in kids} == {parent.info.experiment_id}
     for arm in ARMS:
         assert 0 <= parent.data.metrics[f"test_acc/{arm}"] <= 1
         assert f"agreement/{arm}" in parent.data.metrics and f"kl/{arm}" in parent.data.metrics
     assert parent.data.metrics["agreement/teacher-full"] == 1.0
-    table = mlflow.load_table("report/comparison.json", run_ids=[parent_id])
+    table = mlflow.MlflowClient().load_table(parent.info.experiment_id, "report/comparison.json", [parent_id])
     assert list(table["arm"]) == list(ARMS)
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(parent_id, "report")}
-    assert {"report/comparison.csv", "report/comparison.md", "report/accuracy.html", "report/compression.html",
-            "report/fidelity.html"} <= names
+    assert {"report/comparison.csv", "report/comparison.md", "report/report.html"} <= names
     proposal = table[table["arm"] == "proposal"].iloc[0]
     assert proposal["train_images"] == 20 and proposal["data_compression"] == pytest.approx(1100 / 20)
+    assert (proposal["family"], proposal["labels"]) == ("distilled set", "soft, teacher on distilled set")
+    assert "| proposal | convnet-w8 |" in parent.data.tags["mlflow.note.content"]
+    distill = next(k for k in kids if k.data.tags["kdd.stage"] == "distill")
+    trained = next(k for k in kids if k.data.tags.get("kdd.arm") == "proposal")
+    inputs = mlflow.get_run(trained.info.run_id).inputs.dataset_inputs
+    assert {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"]) for d in inputs} == {
+        (f"synthetic-{distill.info.run_id}", "training"), ("fashion-mnist-val", "validation"),
+        ("fashion-mnist-test", "test")}
 
     again = pipeline.run(tiny(fake_fashion))
     assert children(again) == []  # nothing re-run: every stage was reused
@@ -109,3 +119,11 @@ def test_arm_overrides_go_to_the_arms_stage():
         "proposal": {"epochs": "3"}, "teacher-synthetic": {"model": "convnet"}}
     with pytest.raises(ValueError, match="kd has no parameter 'model'"):
         parse_overrides("kd-full.model=convnet")
+
+
+def test_params_logged_by_mlflow_run_match_the_config_values():
+    from kdd_mlflow.tracking import same_value
+
+    assert same_value("true", "True") and same_value("False", "false") and same_value("''", "")
+    assert same_value("0.010", "0.01") and same_value("10", "10")
+    assert not same_value("true", "False") and not same_value("1", "True") and not same_value("a", "b")

@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from kdd_mlflow import cli, data, models, tracking
+from kdd_mlflow.artifacts import model as model_artifact
 from kdd_mlflow.config import TrainConfig
 from kdd_mlflow.mlproject import render
 from kdd_mlflow.stages import train as train_stage
@@ -75,8 +76,9 @@ def test_train_stage_logs_run_and_model_round_trips(fake_fashion):
     assert config == cfg.model_dump()
 
     real = data.load("fashion-mnist", fake_fashion, val_size=100)
-    ours, spec, zca = tracking.load_model(run_id, expect={"dataset": "fashion-mnist"})
-    assert zca is None and spec["model"] == "convnet-w32"
+    loaded = model_artifact.load(run_id, expect={"dataset": "fashion-mnist"})
+    ours, spec = loaded.module, loaded.spec
+    assert loaded.space.zca is None and spec["model"] == "convnet-w32"
     logged = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     x = real.test.images[:16]
     with torch.no_grad():
@@ -84,7 +86,7 @@ def test_train_stage_logs_run_and_model_round_trips(fake_fashion):
         assert torch.equal(ours(x), logged(x))
     assert abs(evaluate(ours, real.test)["acc"] - run.data.metrics["test_acc"]) < 1e-6
     with pytest.raises(tracking.ArtifactError, match="dataset='fashion-mnist', expected 'mnist'"):
-        tracking.load_model(run_id, expect={"dataset": "mnist"})
+        model_artifact.load(run_id, expect={"dataset": "mnist"})
 
 
 @pytest.mark.real_data

@@ -62,6 +62,8 @@ def test_three_trial_study_with_its_mlflow_runs(fake_fashion, tmp_path):
 
     parent = mlflow.get_run(study_run)
     assert parent.info.status == "FINISHED" and parent.data.tags["kdd.role"] == "study"
+    assert mlflow.get_experiment(parent.info.experiment_id).name == "s3"  # the study's own experiment
+    assert {r.info.experiment_id for r in trials} == {parent.info.experiment_id}
     assert parent.data.tags["best.trial"] == str(study.best_trial.number)
     assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
     assert parent.data.metrics["trials_complete"] == 3

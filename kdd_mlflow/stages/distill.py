@@ -10,7 +10,6 @@ random real subset of the same size, with an image grid.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import tempfile
 import time
@@ -18,22 +17,21 @@ from pathlib import Path
 
 import mlflow
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from kdd_mlflow import budgets, data, models, report, tracking
+from kdd_mlflow import budgets, data, lineage, models, report, tracking
+from kdd_mlflow.artifacts import synthetic
+from kdd_mlflow.artifacts.experts import ExpertsBuffer
+from kdd_mlflow.artifacts.space import InputSpace
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.config import DistillConfig
 from kdd_mlflow.distill.evaluate import evaluate_set, mean_std
-from kdd_mlflow.distill.experts import Trajectory
 from kdd_mlflow.distill.mtt import FlatModel, SyntheticSet, Unroll, mtt_iteration
 from kdd_mlflow.runtime import pick_device, seed_everything
-from kdd_mlflow.stages.experts import TRAJECTORY_DIR, load_manifests
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint/checkpoint.pt"
-SYNTHETIC_DIR = "synthetic"
 
 
 def check_against_experts(cfg: DistillConfig, manifest: dict) -> None:
@@ -44,25 +42,6 @@ def check_against_experts(cfg: DistillConfig, manifest: dict) -> None:
         raise ValueError(
             f"max_start_epoch + expert_epochs = {needed} exceeds the experts' {manifest['epochs']} epochs"
         )
-
-
-class ExpertBuffer:
-    """The experts' trajectory files, downloaded once, read lazily per segment."""
-
-    def __init__(self, manifest: dict, directory: Path):
-        self.trajectories = []
-        expect = {"dataset": manifest["dataset"], "model": manifest["model"], "epochs": manifest["epochs"]}
-        for e in manifest["experts"]:
-            path = tracking.download(e["run_id"], f"{TRAJECTORY_DIR}/{e['file']}", directory / e["run_id"])
-            try:
-                self.trajectories.append(Trajectory(path, expect))
-            except ValueError as exc:
-                raise tracking.ArtifactError(f"run {e['run_id']}: {exc}") from None
-
-    def segment(self, generator: torch.Generator, max_start_epoch: int, expert_epochs: int):
-        expert = self.trajectories[int(torch.randint(len(self.trajectories), (1,), generator=generator))]
-        start = int(torch.randint(max_start_epoch, (1,), generator=generator))
-        return expert.epoch(start), expert.epoch(start + expert_epochs)
 
 
 def initial_images(real: data.RealData, ipc: int, init: str, generator: torch.Generator) -> data.Split:
@@ -79,24 +58,28 @@ def rng_state(generator: torch.Generator) -> dict:
 def run(asked: DistillConfig) -> str:
     """Distil a synthetic set from experts run(s) by matching training trajectories (MTT)."""
     device = pick_device(asked.device)
-    manifest = load_manifests(asked.experts_runs)
-    resolved = budgets.resolve(asked, device.type, experts_model=manifest["model"], experts_zca=manifest["zca"])
-    cfg = resolved.cfg
-    check_against_experts(cfg, manifest)
-    real = data.load(cfg.dataset, cfg.data_dir, manifest["val_size"], cfg.train_limit)
-    zca = data.whiten(real) if manifest["zca"] else None
-    meta = real.info
-    generator = seed_everything(cfg.seed)
-
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
-        buffer = ExpertBuffer(manifest, Path(tmp))  # every trajectory is fetched and checked before the run starts
+        # every trajectory and the experts' whitening are fetched and checked before the run starts
+        buffer = ExpertsBuffer(asked.experts_runs, Path(tmp))
+        manifest = buffer.manifest
+        resolved = budgets.resolve(asked, device.type, experts_model=manifest["model"],
+                                   experts_zca=buffer.space.zca is not None)
+        cfg = resolved.cfg
+        check_against_experts(cfg, manifest)
+        # the experts' validation split and their stored whitening: the set is learned in the very space their
+        # trajectories live in, whichever training images it starts from
+        real = buffer.space.enter(data.load(cfg.dataset, cfg.data_dir, manifest["val_size"], cfg.train_limit))
+        meta = real.info
+        generator = seed_everything(cfg.seed)
         active = stack.enter_context(tracking.stage_run(
             "distill", asked, run_name=f"distill-{cfg.dataset}-ipc{cfg.ipc}", run_id=cfg.resume, resolved=cfg))
         run_id = active.info.run_id
         budgets.log_resolved(resolved)
-        tracking.log_params({"experts": len(manifest["experts"]), "zca": manifest["zca"]})
+        tracking.log_params({"experts": len(manifest["experts"]), "zca": manifest["zca"],
+                             "zca_digest": buffer.space.digest})
         mlflow.set_tag("kdd.device", str(device))
+        lineage.log_inputs(training=real.train, validation=real.val, test=real.test)
         student = FlatModel(models.create(manifest["model"], meta.channels, meta.num_classes, meta.image_size)
                             .to(device))
         init = initial_images(real, cfg.ipc, cfg.init, generator)
@@ -155,7 +138,7 @@ def run(asked: DistillConfig) -> str:
         if state["best_iteration"] != cfg.iterations:
             evaluate_now(cfg.iterations)
         mlflow.log_metrics({"best_val_acc": state["best_val"], "best_iteration": state["best_iteration"]})
-        finish(cfg, real, zca, state, syn.labels.cpu(), tmp, device)
+        finish(cfg, real, buffer.space, state, syn.labels.cpu(), tmp, device)
         return run_id
 
 
@@ -186,7 +169,7 @@ def restore(run_id: str, tmp: str, syn: SyntheticSet, generator: torch.Generator
     return saved["state"]
 
 
-def finish(cfg: DistillConfig, real: data.RealData, zca: data.ZCA | None, state: dict, labels: torch.Tensor,
+def finish(cfg: DistillConfig, real: data.RealData, space: InputSpace, state: dict, labels: torch.Tensor,
            tmp: str, device: torch.device) -> None:
     """Test the best set against a random real subset under one protocol; log the set and its grid."""
     meta = real.info
@@ -206,44 +189,10 @@ def finish(cfg: DistillConfig, real: data.RealData, zca: data.ZCA | None, state:
                         "learned_lr": lr})
     log.info("synthetic set: test %.4f +- %.4f; random real subset: %.4f +- %.4f", syn_mean, syn_std,
              real_mean, real_std)
-    out = Path(tmp) / SYNTHETIC_DIR
+    distilled = synthetic.DistilledSet(state["best_images"], labels, lr, cfg.ipc, cfg.eval_model, space)
+    out = Path(tmp) / synthetic.DIRECTORY
     out.mkdir()
-    save_synthetic(out, state["best_images"], labels, lr, meta, cfg, zca)
-    viewable = zca.inverse(state["best_images"]) if zca else state["best_images"]
-    report.image_grid(data.denormalise(viewable, meta), labels, meta, out / "grid.png", out / "grid.html",
+    distilled.save(out)
+    report.image_grid(space.pixels(state["best_images"]), labels, meta, out / "grid.png", out / "grid.html",
                       title=f"{meta.name} synthetic set, ipc {cfg.ipc} (iteration {state['best_iteration']})")
-    mlflow.log_artifacts(str(out), SYNTHETIC_DIR)
-
-
-def save_synthetic(out: Path, images: torch.Tensor, labels: torch.Tensor, lr: float, meta: data.DatasetInfo,
-                   cfg: DistillConfig, zca: data.ZCA | None) -> None:
-    tensors = {"images": images.contiguous(), "labels": labels.contiguous(), "lr": torch.tensor([lr])}
-    if zca is not None:
-        tensors.update(zca.tensors())
-    spec = {"dataset": meta.name, "ipc": cfg.ipc, "num_classes": meta.num_classes, "channels": meta.channels,
-            "image_size": meta.image_size, "mean": list(meta.mean), "std": list(meta.std), "zca": zca is not None,
-            "model": cfg.eval_model, "learned_lr": lr}
-    save_file(tensors, str(out / "synthetic.safetensors"), metadata={"kdd": json.dumps(spec)})
-    (out / "synthetic.json").write_text(json.dumps(spec, indent=2))
-
-
-def load_synthetic(run_id: str, expect: dict | None = None) -> tuple[data.Split, float, dict, data.ZCA | None]:
-    """The synthetic set of a distill run: (images and labels, learned step size, spec, ZCA or None).
-
-    Loads without unpickling and checks shapes, dtypes and ``expect`` (e.g. dataset) against the spec.
-    """
-    tracking.require_run(run_id, "distill run", ("distill",))
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = tracking.load_json(run_id, f"{SYNTHETIC_DIR}/synthetic.json", tmp)
-        tensors = tracking.load_tensors(run_id, f"{SYNTHETIC_DIR}/synthetic.safetensors", tmp)
-    for key, want in (expect or {}).items():
-        if spec.get(key) != want:
-            raise tracking.ArtifactError(f"run {run_id}: synthetic set has {key}={spec.get(key)!r}, expected {want!r}")
-    n = spec["ipc"] * spec["num_classes"]
-    shape = (n, spec["channels"], spec["image_size"], spec["image_size"])
-    images, labels = tensors.get("images"), tensors.get("labels")
-    if images is None or labels is None or tuple(images.shape) != shape or images.dtype != torch.float32 \
-            or tuple(labels.shape) != (n,) or labels.dtype != torch.int64:
-        raise tracking.ArtifactError(f"run {run_id}: synthetic set tensors do not match its spec {shape}")
-    zca = data.ZCA.from_tensors(tensors) if spec["zca"] else None
-    return data.Split(images, labels), float(tensors["lr"][0]), spec, zca
+    mlflow.log_artifacts(str(out), synthetic.DIRECTORY)

@@ -8,19 +8,12 @@ from pathlib import Path
 
 import mlflow
 
-from kdd_mlflow import data, metrics, models, report, tracking
+from kdd_mlflow import data, metrics, report, tracking
+from kdd_mlflow.artifacts import model as model_artifact
 from kdd_mlflow.config import EvaluateConfig
 from kdd_mlflow.runtime import pick_device
-from kdd_mlflow.train import predict_logits
 
 log = logging.getLogger(__name__)
-
-
-def test_logits(run_id: str, real: data.RealData, device):
-    """A logged model's test logits, with its inputs whitened if it was trained whitened."""
-    model, spec, zca = tracking.load_model(run_id, expect={"dataset": real.info.name})
-    images = zca(real.test.images) if zca is not None else real.test.images
-    return predict_logits(model.to(device), images.to(device)), spec, models.count_parameters(model)
 
 
 def run(cfg: EvaluateConfig) -> str:
@@ -31,12 +24,15 @@ def run(cfg: EvaluateConfig) -> str:
     real = data.load(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_limit)
     labels = real.test.labels.to(device)
     with tracking.stage_run("evaluate", cfg, run_name=f"evaluate-{cfg.dataset}") as active:
-        reference = test_logits(cfg.reference, real, device)[0] if cfg.reference else None
+        expect = {"dataset": cfg.dataset}
+        reference = model_artifact.load(cfg.reference, expect).logits(real.test.images, device) if cfg.reference \
+            else None
         rows = []
         for run_id in cfg.run_ids:
-            logits, spec, params = test_logits(run_id, real, device)
+            trained = model_artifact.load(run_id, expect)
+            logits = trained.logits(real.test.images, device)
             name = mlflow.get_run(run_id).info.run_name or run_id
-            row = {"run": name, "run_id": run_id, "model": spec["model"], "parameters": params,
+            row = {"run": name, "run_id": run_id, "model": trained.name, "parameters": trained.parameters,
                    **metrics.classification(logits, labels)}
             if reference is not None:
                 row.update(metrics.fidelity(reference, logits))

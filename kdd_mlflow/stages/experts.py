@@ -8,39 +8,21 @@ trains only the experts it is missing: a crash loses at most the expert in progr
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from pathlib import Path
 
 import mlflow
 from tqdm.auto import tqdm
 
-from kdd_mlflow import budgets, config, data, models, tracking
+from kdd_mlflow import budgets, config, data, lineage, models, tracking
+from kdd_mlflow.artifacts import experts as buffer
+from kdd_mlflow.artifacts.space import InputSpace
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.config import ExpertsConfig
-from kdd_mlflow.distill.experts import TrajectoryMeta, layout, save_trajectory, train_expert
+from kdd_mlflow.distill.experts import train_expert
 from kdd_mlflow.runtime import pick_device, seed_everything
 from kdd_mlflow.train import SGDRecipe
 
 log = logging.getLogger(__name__)
-
-TRAJECTORY_DIR = "trajectories"
-MANIFEST = "manifest.json"
-
-
-def expert_file(index: int) -> str:
-    return f"expert_{index:04d}.safetensors"
-
-
-def existing_experts(run_id: str) -> dict[int, dict]:
-    """Manifest entries of the experts a run already holds."""
-    client = mlflow.MlflowClient()
-    names = {Path(a.path).name for a in client.list_artifacts(run_id, TRAJECTORY_DIR)}
-    try:
-        manifest = mlflow.artifacts.load_dict(f"runs:/{run_id}/{MANIFEST}")
-    except Exception:
-        return {}
-    return {e["index"]: e for e in manifest.get("experts", []) if e["file"] in names}
 
 
 def run(asked: ExpertsConfig) -> str:
@@ -49,18 +31,19 @@ def run(asked: ExpertsConfig) -> str:
     resolved = budgets.resolve(asked, device.type)
     cfg = resolved.cfg
     real = data.load(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.train_limit)
-    if cfg.zca:
-        data.whiten(real)
-    meta = real.info
     mine = config.parse_shard(cfg.shard, cfg.num_experts)
     with tracking.stage_run("experts", asked, run_name=f"experts-{cfg.model}-{cfg.dataset}",
                             run_id=cfg.run_id, resolved=cfg) as active:
         run_id = active.info.run_id
         budgets.log_resolved(resolved)
-        done = existing_experts(run_id)
+        space = input_space(cfg, real, run_id if cfg.run_id else None)
+        space.enter(real)
+        lineage.log_inputs(training=real.train, test=real.test)
+        meta = real.info
+        done = buffer.existing_experts(run_id)
         todo = [k for k in mine if k not in done]
-        log.info("experts run %s: %d of this shard's %d experts to train (%s budget)", run_id, len(todo),
-                 len(mine), resolved.budget)
+        log.info("experts run %s: %d of this shard's %d experts to train (%s budget, %s)", run_id, len(todo),
+                 len(mine), resolved.budget, space.describe())
         train, test = real.train.to(device), real.test.to(device)
         recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr_teacher, cfg.momentum, cfg.weight_decay, "constant",
                            cfg.precision)
@@ -71,13 +54,11 @@ def run(asked: ExpertsConfig) -> str:
             model = models.create(cfg.model, meta.channels, meta.num_classes, meta.image_size).to(device)
             trajectory, test_acc = train_expert(model, train, test, recipe, generator, augment,
                                                 progress=f"expert {k}")
-            entry = TrajectoryMeta(cfg.dataset, cfg.model, cfg.epochs, bool(cfg.zca), layout(model), k, test_acc)
-            with tempfile.TemporaryDirectory() as tmp:
-                save_trajectory(Path(tmp) / expert_file(k), trajectory, entry)
-                mlflow.log_artifact(str(Path(tmp) / expert_file(k)), TRAJECTORY_DIR)
-            done[k] = {"index": k, "file": expert_file(k), "test_acc": test_acc}
+            entry = buffer.TrajectoryMeta(cfg.dataset, cfg.model, cfg.epochs, space.zca is not None,
+                                          buffer.layout(model), k, test_acc)
+            done[k] = {"index": k, "file": buffer.log_trajectory(trajectory, entry), "test_acc": test_acc}
             mlflow.log_metric("expert_test_acc", test_acc, step=k)
-            mlflow.log_dict(manifest(cfg, entry, done), MANIFEST)
+            buffer.log_manifest(settings(cfg), space, entry, done)
             log.info("expert %d: test accuracy %.4f", k, test_acc)
             if n == 1 and len(todo) > 1:  # measured seconds per expert x experts left, before the long part
                 estimate = (time.perf_counter() - started) * (len(todo) - 1)
@@ -89,32 +70,22 @@ def run(asked: ExpertsConfig) -> str:
         return run_id
 
 
-def manifest(cfg: ExpertsConfig, entry: TrajectoryMeta, done: dict[int, dict]) -> dict:
-    return {
-        "dataset": cfg.dataset, "model": cfg.model, "epochs": cfg.epochs, "zca": bool(cfg.zca),
-        "num_params": entry.num_params, "dtype": "float32", "layout": entry.layout,
-        "lr_teacher": cfg.lr_teacher, "train_limit": cfg.train_limit, "val_size": cfg.val_size,
-        "experts": [done[k] for k in sorted(done)],
-    }
+def settings(cfg: ExpertsConfig) -> dict:
+    """What the manifest records of the run's configuration."""
+    return {"dataset": cfg.dataset, "model": cfg.model, "epochs": cfg.epochs, "lr_teacher": cfg.lr_teacher,
+            "train_limit": cfg.train_limit, "val_size": cfg.val_size}
 
 
-def load_manifests(run_ids: list[str]) -> dict:
-    """Merge the manifests of one or more experts runs, checking they describe one buffer."""
-    merged: dict | None = None
-    for run_id in run_ids:
-        tracking.require_run(run_id, "experts run", ("experts",))
-        m = tracking.load_json(run_id, MANIFEST)
-        for e in m["experts"]:
-            e["run_id"] = run_id
-        if merged is None:
-            merged = m
-            continue
-        for key in ("dataset", "model", "epochs", "zca", "num_params", "train_limit", "val_size"):
-            if m[key] != merged[key]:
-                raise tracking.ArtifactError(
-                    f"experts run {run_id} has {key}={m[key]!r}, but {run_ids[0]} has {merged[key]!r}"
-                )
-        merged["experts"] += m["experts"]
-    if not merged or not merged["experts"]:
-        raise tracking.ArtifactError(f"experts run(s) {', '.join(run_ids)} hold no finished experts")
-    return merged
+def input_space(cfg: ExpertsConfig, real: data.RealData, continued: str | None) -> InputSpace:
+    """The run's input space: the one a continued run stored, else ZCA fitted on this training split
+    (when asked) and stored, so every later stage whitens with this very matrix."""
+    if continued:
+        try:
+            manifest = tracking.load_json(continued, buffer.MANIFEST)
+        except tracking.ArtifactError:
+            manifest = None  # no expert finished before the crash: nothing was stored
+        if manifest is not None:
+            return buffer.stored_space(continued, manifest)
+    space = InputSpace(cfg.dataset, data.ZCA.fit(real.train.images) if cfg.zca else None)
+    buffer.log_space(space)
+    return space

@@ -13,9 +13,11 @@ import mlflow
 import torch
 
 from kdd_mlflow import budgets, data, kd, metrics, models, tracking
+from kdd_mlflow.artifacts import model as model_artifact
+from kdd_mlflow.artifacts.space import InputSpace
 from kdd_mlflow.config import KDConfig
 from kdd_mlflow.runtime import pick_device, seed_everything
-from kdd_mlflow.stages.train import sgd_recipe, small_set_source, train_and_log
+from kdd_mlflow.supervised import sgd_recipe, small_set_source, train_and_log
 from kdd_mlflow.train import predict_logits
 
 log = logging.getLogger(__name__)
@@ -28,22 +30,17 @@ def feature_layer(model_name: str) -> str:
     return FEATURE_LAYERS[model_name.split("-")[0]]
 
 
-def transfer_set(cfg: KDConfig, real: data.RealData, teacher_zca: data.ZCA | None
-                 ) -> tuple[data.Split, float | None, data.ZCA | None]:
-    """The transfer images (in the teacher's input space), a learned step size if any, and the whitening."""
+def transfer_set(cfg: KDConfig, real: data.RealData, teacher_space: InputSpace) -> tuple[data.Split, float | None]:
+    """The transfer images and a learned step size if any; ``real`` is mapped into the teacher's input space,
+    and a synthetic set must live in that same space."""
     if cfg.transfer == "synthetic":
-        synthetic, lr, zca = small_set_source(cfg.synthetic_run, real)
-        if (zca is None) != (teacher_zca is None):
-            raise tracking.ArtifactError(
-                f"synthetic set of run {cfg.synthetic_run} and teacher run {cfg.teacher_run} disagree on ZCA whitening"
-            )
-        return synthetic, lr, zca
-    if teacher_zca is not None:
-        for split in (real.train, real.val, real.test):
-            split.images = teacher_zca(split.images)
+        synthetic, lr, space = small_set_source(cfg.synthetic_run, real)
+        space.require(teacher_space, f"the synthetic set of run {cfg.synthetic_run}", f"teacher run {cfg.teacher_run}")
+        return synthetic, lr
+    teacher_space.enter(real)
     if cfg.transfer == "subset":
-        return real.random_subset(cfg.ipc, torch.Generator().manual_seed(cfg.seed + 1)), None, teacher_zca
-    return real.train, None, teacher_zca
+        return real.random_subset(cfg.ipc, torch.Generator().manual_seed(cfg.seed + 1)), None
+    return real.train, None
 
 
 def teacher_trained_on_transfer(cfg: KDConfig) -> bool:
@@ -60,33 +57,33 @@ def teacher_trained_on_transfer(cfg: KDConfig) -> bool:
 def run(asked: KDConfig) -> str:
     """Distil the teacher run into a small student on the transfer set; return the run id."""
     device = pick_device(asked.device)
-    teacher, teacher_spec, teacher_zca = tracking.load_model(asked.teacher_run, expect={"dataset": asked.dataset})
+    loaded = model_artifact.load(asked.teacher_run, expect={"dataset": asked.dataset})
     real = data.load(asked.dataset, asked.data_dir, asked.val_size, asked.train_limit)
     full_images = len(real.train)
-    transfer, learned_lr, zca = transfer_set(asked, real, teacher_zca)
+    transfer, learned_lr = transfer_set(asked, real, loaded.space)
     resolved = budgets.resolve(asked, device.type, learned_lr=learned_lr,
                                teacher_on_transfer=teacher_trained_on_transfer(asked))
     cfg = resolved.cfg
     meta = real.info
     generator = seed_everything(cfg.seed)
-    teacher = teacher.to(device)
+    teacher = loaded.module.to(device)
     student = models.create(cfg.student, meta.channels, meta.num_classes, meta.image_size).to(device)
     if cfg.init_from_teacher:
         copied = kd.init_from_teacher(student, teacher)
         log.info("student initialised from %d teacher tensors", copied)
     loss = kd.create_loss(cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta,
                           student_layer=cfg.hint_student_layer or feature_layer(cfg.student),
-                          teacher_layer=cfg.hint_teacher_layer or feature_layer(teacher_spec["model"]))
-    with tracking.stage_run("kd", asked, run_name=f"kd-{teacher_spec['model']}-to-{cfg.student}-{cfg.transfer}",
+                          teacher_layer=cfg.hint_teacher_layer or feature_layer(loaded.name))
+    with tracking.stage_run("kd", asked, run_name=f"kd-{loaded.name}-to-{cfg.student}-{cfg.transfer}",
                             resolved=cfg, tags={"kdd.transfer": cfg.transfer}) as active:
         budgets.log_resolved(resolved)
-        tracking.log_params({"teacher_model": teacher_spec["model"]})
+        tracking.log_params({"teacher_model": loaded.name})
         recipe = sgd_recipe(cfg)
         transfer_on_device = transfer.to(device)
         with loss.attach(student, teacher, example=transfer_on_device.images[:2]):
-            train_and_log(student, cfg.student, transfer_on_device, real, recipe, generator, device,
+            train_and_log(student, cfg.student, transfer_on_device, real, recipe, generator, device, loaded.space,
                           objective=kd.kd_objective(teacher, loss, cfg.augment),
-                          extra_parameters=loss.extra_parameters(), zca=zca)
+                          extra_parameters=loss.extra_parameters())
         fid = fidelity_metrics(teacher, student, transfer_on_device, real.test.to(device))
         fid.update(metrics.compression(models.count_parameters(teacher), models.count_parameters(student),
                                        full_images, len(transfer)))

@@ -1,0 +1,90 @@
+"""A trained network of a train, teacher or kd run.
+
+Logged twice: as an MLflow model (pt2, with signature and input example) for users, and as
+``weights/model.safetensors`` plus ``weights/model.json`` (architecture, shapes, input space) for the
+stages, which rebuild it from the registry without unpickling. A model trained in a whitened space
+carries its whitening (``weights/model.zca.safetensors``), so its inputs can always be mapped there.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from kdd_mlflow import models, tracking
+from kdd_mlflow.artifacts.space import InputSpace
+from kdd_mlflow.train import predict_logits
+
+DIRECTORY = "weights"
+STAGES = ("train", "teacher", "kd")  # the stages whose runs hold a model
+
+
+@dataclass
+class TrainedModel:
+    """A rebuilt network, its spec and the input space it takes."""
+
+    module: nn.Module
+    spec: dict
+    space: InputSpace
+
+    @property
+    def name(self) -> str:
+        return self.spec["model"]
+
+    @property
+    def parameters(self) -> int:
+        return models.count_parameters(self.module)
+
+    def logits(self, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Logits for normalised images, mapped into the model's input space first."""
+        self.module.to(device)
+        return predict_logits(self.module, self.space.apply(images.to(device)))
+
+
+def spec_for(name: str, space: InputSpace) -> dict:
+    """What a logged model is, checked again when a later stage loads it."""
+    meta = space.info
+    return {"model": name, "channels": meta.channels, "num_classes": meta.num_classes,
+            "image_size": meta.image_size, **space.spec()}
+
+
+def log(model: nn.Module, name: str, space: InputSpace, example: torch.Tensor, artifact: str = "model") -> None:
+    """Log ``model`` (registry name ``name``, taking inputs in ``space``) to the active run."""
+    model.eval()
+    cpu_model = copy.deepcopy(model).to("cpu")
+    mlflow.pytorch.log_model(cpu_model, name=artifact, input_example=example[:2].detach().cpu().numpy(),
+                             serialization_format="pt2")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file({k: v.contiguous() for k, v in cpu_model.state_dict().items()}, f"{tmp}/{artifact}.safetensors")
+        if space.zca is not None:
+            save_file(space.tensors(), f"{tmp}/{artifact}.zca.safetensors")
+        Path(f"{tmp}/{artifact}.json").write_text(json.dumps(spec_for(name, space), indent=2))
+        mlflow.log_artifacts(tmp, DIRECTORY)
+
+
+def load(run_id: str, expect: dict | None = None, artifact: str = "model") -> TrainedModel:
+    """Rebuild the model of a run and check its spec against ``expect`` (e.g. dataset)."""
+    tracking.require_run(run_id, "model run", STAGES)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = tracking.load_json(run_id, f"{DIRECTORY}/{artifact}.json", tmp)
+        state = tracking.load_tensors(run_id, f"{DIRECTORY}/{artifact}.safetensors", tmp)
+        zca = tracking.load_tensors(run_id, f"{DIRECTORY}/{artifact}.zca.safetensors", tmp) if spec.get("zca") else {}
+    for key, want in (expect or {}).items():
+        if spec.get(key) != want:
+            raise tracking.ArtifactError(f"run {run_id}: model {artifact} has {key}={spec.get(key)!r}, "
+                                         f"expected {want!r}")
+    try:
+        space = InputSpace.from_stored(spec, zca)
+        module = models.create(spec["model"], spec["channels"], spec["num_classes"], spec["image_size"])
+        module.load_state_dict(state, strict=True)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise tracking.ArtifactError(f"run {run_id}: {DIRECTORY}/{artifact}: {exc}") from None
+    return TrainedModel(module, spec, space)
