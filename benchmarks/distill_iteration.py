@@ -5,13 +5,24 @@
 Needs no dataset or experts: the expert segment is a fresh network's parameters and a perturbed copy,
 which costs the same as a real one. Peak memory is the process's peak RSS on the CPU (and its growth
 over the baseline before the first iteration), or peak CUDA memory on a GPU.
+
+On a GPU, ``--precision`` picks the arithmetic: ``default`` leaves PyTorch's settings (cuDNN convolutions may
+use TF32, matrix multiplies stay float32), ``fp32`` turns TF32 off everywhere, ``tf32`` turns it on for
+convolutions and matrix multiplies, ``bf16`` runs the iteration under ``torch.autocast(dtype=bfloat16)``
+(convolutions and matrix multiplies in bfloat16; parameters, images, norms, the loss and the updates stay
+float32). A point that runs out of CUDA memory exits with one line naming it and what it asked for, and
+prints a JSON record with ``"error": "out of memory"`` on stdout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
+import re
 import resource
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -25,9 +36,36 @@ from kdd_mlflow.distill.experts import flat_parameters
 from kdd_mlflow.distill.mtt import MODES, FlatModel, SyntheticSet, Unroll, mtt_iteration
 from kdd_mlflow.runtime import pick_device
 
+PRECISIONS = ("default", "fp32", "tf32", "bf16")
+
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def set_precision(precision: str, cudnn_benchmark: bool) -> contextlib.AbstractContextManager:
+    """Apply ``precision``'s TF32 switches; return the context to run iterations in (autocast for bf16)."""
+    if precision in ("fp32", "tf32"):
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    if precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def out_of_memory(exc: BaseException, point: str, dev: torch.device) -> dict:
+    """What a CUDA out-of-memory error says: the allocation that failed and what was held when it did."""
+    text = str(exc)
+    asked = re.search(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB)", text)
+    record = {"error": "out of memory", "point": point, "message": text.strip().splitlines()[0][:300]}
+    if asked:
+        unit = {"GiB": 1024, "MiB": 1, "KiB": 1 / 1024}[asked.group(2)]
+        record["tried_to_allocate_mib"] = float(asked.group(1)) * unit
+    if dev.type == "cuda":
+        record["peak_cuda_mib_at_failure"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        record["device_total_mib"] = round(torch.cuda.get_device_properties(dev).total_memory / 2**20, 1)
+    return record
 
 
 @click.command()
@@ -43,12 +81,20 @@ def peak_rss_mib() -> float:
 @click.option("--memory-limit-gib", type=float, default=None,
               help="CPU: cap the process's data segment (RLIMIT_DATA), so that a point too big for the machine "
                    "fails with an allocation error instead of waking the kernel's OOM killer")
-def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment, matching, memory_limit_gib):
+@click.option("--precision", type=click.Choice(PRECISIONS), default="default", show_default=True,
+              help="GPU arithmetic: PyTorch's defaults, float32 without TF32, TF32, or bfloat16 autocast")
+@click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=False, show_default=True,
+              help="let cuDNN time its convolution algorithms and keep the fastest")
+def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment, matching, memory_limit_gib,
+         precision, cudnn_benchmark):
     if memory_limit_gib is not None:
         cap = int(memory_limit_gib * 2**30)
         resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
     meta = data.info(dataset)
     dev = pick_device(device)
+    if precision != "default" and dev.type != "cuda":
+        raise click.BadParameter("only on a CUDA device", param_hint="--precision")
+    arithmetic = set_precision(precision, cudnn_benchmark) if dev.type == "cuda" else contextlib.nullcontext()
     torch.manual_seed(0)
     net = models.create(model, meta.channels, meta.num_classes, meta.image_size).to(dev)
     student = FlatModel(net)
@@ -62,33 +108,50 @@ def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment,
     gen = torch.Generator().manual_seed(0)
     aug = DSA() if augment else None
 
+    point = (f"{dataset} {model} ipc {ipc}, {batch_syn or n} images per step, {syn_steps} steps, {matching}, "
+             f"{precision}")
     baseline = peak_rss_mib()
-    try:
-        mtt_iteration(syn, student, start, target, unroll, aug, gen, matching)  # warm-up
-    except (RuntimeError, MemoryError) as exc:
-        if memory_limit_gib is None or "allocate" not in str(exc) and not isinstance(exc, MemoryError):
-            raise
-        raise SystemExit(f"out of memory: needs more than the {memory_limit_gib:g} GiB limit") from None
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(iterations):
-        t0 = time.perf_counter()
-        mtt_iteration(syn, student, start, target, unroll, aug, gen, matching)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    try:
+        with arithmetic:
+            try:
+                mtt_iteration(syn, student, start, target, unroll, aug, gen, matching)  # warm-up
+            except (RuntimeError, MemoryError) as exc:
+                if isinstance(exc, torch.OutOfMemoryError) or memory_limit_gib is None or (
+                        "allocate" not in str(exc) and not isinstance(exc, MemoryError)):
+                    raise
+                raise SystemExit(f"out of memory: needs more than the {memory_limit_gib:g} GiB limit") from None
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(iterations):
+                t0 = time.perf_counter()
+                mtt_iteration(syn, student, start, target, unroll, aug, gen, matching)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError as exc:
+        record = out_of_memory(exc, point, dev)
+        print(json.dumps(record, indent=2))
+        asked = record.get("tried_to_allocate_mib")
+        raise SystemExit(f"out of CUDA memory at {point}: tried to allocate "
+                         f"{asked / 1024 if asked is not None else float('nan'):.2f} GiB with "
+                         f"{record.get('peak_cuda_mib_at_failure', 0) / 1024:.2f} GiB already held") from None
     result = {
         "dataset": dataset, "model": model, "ipc": ipc, "syn_steps": syn_steps, "batch_syn": batch_syn or n,
         "augment": augment, "matching": matching, "device": str(dev), "iterations": iterations,
         "seconds_per_iteration": sum(times) / len(times), "seconds_min": min(times),
+        "seconds_median": statistics.median(times), "seconds": [round(t, 5) for t in times],
         "peak_rss_mib": round(peak_rss_mib(), 1), "rss_growth_mib": round(peak_rss_mib() - baseline, 1),
         "parameters": student.num_params, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.machine(), "package": str(Path(kdd_mlflow.__file__).parent),
+        "precision": precision, "cudnn_benchmark": cudnn_benchmark, "python": sys.version.split()[0],
     }
     if dev.type == "cuda":
         result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["gpu"] = torch.cuda.get_device_name(dev)
+        result["cuda"] = torch.version.cuda
+        result["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
     print(json.dumps(result, indent=2))
 
 
