@@ -8,6 +8,13 @@ against the ref's package and once against this tree's, in fresh processes, alte
 first; the speed-up is the median of the ref's seconds per iteration over the median of this tree's.
 Alternating in one run lets the load of a shared machine fall on both sides alike. Arguments after
 ``--`` go to ``distill_iteration.py``.
+
+Where the tree travels without its git history (a GPU machine given a copy of the working tree), export
+the ref beforehand and point ``--ref-dir`` at it; a ``COMMIT`` file there names the commit:
+
+    mkdir -p .ref/d5c93dd && git archive d5c93dd kdd_mlflow | tar -x -C .ref/d5c93dd
+    git rev-parse d5c93dd > .ref/d5c93dd/COMMIT
+    python benchmarks/compare_ref.py --ref-dir .ref/d5c93dd -- --device cuda --syn-steps 20
 """
 
 from __future__ import annotations
@@ -56,15 +63,24 @@ def measure(package_root: Path, args: list[str], timeout: float) -> dict:
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--ref", default="d5c93dd", show_default=True, help="the git ref to compare against")
+@click.option("--ref-dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="a directory holding the ref's kdd_mlflow package, exported beforehand: no git needed")
 @click.option("--rounds", default=3, show_default=True, help="ref/current pairs, alternating which goes first")
 @click.option("--timeout", default=3600.0, show_default=True, help="seconds per measurement")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="also write the result here")
 @click.argument("benchmark_args", nargs=-1, type=click.UNPROCESSED)
-def main(ref, rounds, timeout, json_out, benchmark_args):
+def main(ref, ref_dir, rounds, timeout, json_out, benchmark_args):
     args = list(benchmark_args)
     with tempfile.TemporaryDirectory() as tmp:
-        commit = export(ref, Path(tmp))
-        sides = {"ref": Path(tmp), "current": ROOT}
+        if ref_dir is None:
+            commit, ref_root = export(ref, Path(tmp)), Path(tmp)
+        else:
+            ref_root = ref_dir.resolve()
+            if not (ref_root / "kdd_mlflow" / "__init__.py").is_file():
+                raise click.BadParameter(f"{ref_dir} holds no kdd_mlflow package", param_hint="--ref-dir")
+            marker = ref_root / "COMMIT"
+            commit = marker.read_text().strip() if marker.is_file() else ref
+        sides = {"ref": ref_root, "current": ROOT}
         times: dict[str, list[float]] = {"ref": [], "current": []}
         for r in range(rounds):
             order = ("ref", "current") if r % 2 == 0 else ("current", "ref")
@@ -76,8 +92,8 @@ def main(ref, rounds, timeout, json_out, benchmark_args):
     summary = {"ref": ref, "ref_commit": commit, "benchmark_args": args, "rounds": rounds,
                "ref_seconds": times["ref"], "current_seconds": times["current"],
                "ref_median_s": ref_s, "current_median_s": cur_s, "speedup": ref_s / cur_s,
-               "config": {k: result[k] for k in ("dataset", "model", "ipc", "syn_steps", "matching", "device",
-                                                 "threads")}}
+               "config": {k: result.get(k) for k in ("dataset", "model", "ipc", "syn_steps", "batch_syn", "matching",
+                                                     "device", "threads", "torch", "gpu", "precision")}}
     print(json.dumps(summary, indent=2))
     print(f"speed-up against {ref}: {ref_s / cur_s:.2f}x ({ref_s:.3f} s -> {cur_s:.3f} s per iteration, "
           f"medians of {rounds})", file=sys.stderr)
