@@ -84,6 +84,7 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
         "student", "synthetic", teacher="teacher-full"),
 )}
 REFERENCE = "teacher-full"  # fidelity (agreement, KL) is measured against this arm's model
+TUNED = "proposal"  # the arm a tuning trial trains and is scored by
 
 
 def with_needs(names: Iterable[str]) -> list[str]:

@@ -339,6 +339,8 @@ class CombinedConfig(PipelineConfig):
     temperature: float = Field(2.0, gt=0, description="KD temperature T")
     alpha: float = Field(0.5, ge=0, le=1, description="KD weight of the distillation term (1 - alpha on hard labels)")
     force: str = Field("", description="re-run instead of reusing finished stages: all, or stage names (experts,...)")
+    jobs: int = Field(1, ge=1, le=64, description="stage runs at a time, each with the CPU cores divided among "
+                                                   "them (arms that do not need each other run side by side)")
 
     @field_validator("seeds")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any
 
 import mlflow
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json, register_dataset_source
+from mlflow.exceptions import MlflowException
 
 from kdd_mlflow.data import Split
 
@@ -85,4 +87,19 @@ def log_inputs(**splits: Split) -> None:
         targets = np.broadcast_to(np.zeros((), np.int64), tuple(split.labels.shape))
         dataset = mlflow.data.from_numpy(features, source=dataset_source(split.source), targets=targets,
                                          name=split.name, digest=digest(split))
-        mlflow.log_input(dataset, context=context)
+        log_input(dataset, context)
+
+
+def log_input(dataset, context: str, attempts: int = 4) -> None:
+    """``mlflow.log_input``, again when another run logged the same dataset at the same moment: the store
+    checks for the dataset and then inserts it, so of two stages running side by side, one may find its insert
+    refused as a duplicate; the next attempt finds the dataset there and only links it."""
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as exc:
+            duplicate = "unique" in str(exc).lower() or "duplicate" in str(exc).lower()
+            if not duplicate or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))

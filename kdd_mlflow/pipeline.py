@@ -14,14 +14,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from kdd_mlflow import arms, budgets, data, metrics, report, tracking
+from kdd_mlflow import arms, budgets, data, metrics, report, schedule, tracking
 from kdd_mlflow.artifacts import find, synthetic
 from kdd_mlflow.artifacts import model as model_artifact
 from kdd_mlflow.config import STAGE_CONFIGS, CombinedConfig, PipelineConfig
@@ -79,6 +80,54 @@ class Runner:
     reused: list[str] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
     poll_s: float = 2.0
+    launched: dict[tuple, StageRun] = field(default_factory=dict)  # the runs this runner started
+
+    def merged(self, stage: str, params: dict[str, object], arm: str | None = None) -> dict[str, object]:
+        """``params`` with the user's overrides for the stage and then for the arm on top."""
+        return {**params, **self.overrides.get(stage, {}), **self.overrides.get(arm or stage, {})}
+
+    def start(self, stage: str, params: dict[str, object], name: str, arm: str | None = None,
+              env: dict[str, str] | None = None):
+        """A FINISHED ``stage`` run with these parameters (its run id), or a run started asynchronously (its
+        ``mlflow.projects.SubmittedRun``, tagged with its arm). ``env`` is set for the stage's process."""
+        full = full_params(stage, self.merged(stage, params, arm))
+        same = (stage, tuple(sorted(full.items())))
+        leader = self.launched.get(same)
+        if leader is not None:  # two tasks of this pipeline that are one run (the same stage and parameters)
+            status = leader.get_status()
+            if status in ("RUNNING", "SCHEDULED"):
+                log.info("%s: the same run as %s, already going", name, leader.run_id)
+                return Follower(leader)
+            if status == "FINISHED":
+                log.info("%s: the same run as %s, finished", name, leader.run_id)
+                return leader.run_id
+        if not ({"all", stage} & self.force):
+            found = find_finished(stage, full, self.experiment_id)
+            if found:
+                log.info("%s: reusing finished run %s", name, found)
+                self.reused.append(found)
+                return found
+        log.info("%s: starting stage %s", name, stage)
+        saved = {k: os.environ.get(k) for k in env or {}}
+        os.environ.update(env or {})
+        try:
+            submitted = mlflow.projects.run(
+                str(project_dir()), entry_point=stage, parameters=full, experiment_id=self.experiment_id,
+                env_manager=self.env_manager, run_name=name, synchronous=False,
+            )
+        except mlflow.projects.ExecutionException as exc:
+            raise StageFailed(f"stage {name} could not start: {first_line(exc)}") from None
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        if arm:
+            MlflowClient().set_tag(submitted.run_id, ARM_TAG, arm)
+        self.started.append(submitted.run_id)
+        self.launched[same] = StageRun(submitted)
+        return self.launched[same]
 
     def __call__(self, stage: str, params: dict[str, object], name: str, arm: str | None = None,
                  watch: Watch | None = None) -> str:
@@ -87,62 +136,90 @@ class Runner:
         ``watch(run_id)`` is called every ``poll_s`` while a started stage runs and once when it ends (or
         once for a reused run); if it raises, a running stage is cancelled and the exception propagates.
         """
-        params = {**params, **self.overrides.get(stage, {}), **self.overrides.get(arm or stage, {})}
-        full = full_params(stage, params)
-        if not ({"all", stage} & self.force):
-            found = find_finished(stage, full, self.experiment_id)
-            if found:
-                log.info("%s: reusing finished run %s", name, found)
-                self.reused.append(found)
-                if watch:
-                    watch(found)
-                return found
-        log.info("%s: starting stage %s", name, stage)
+        got = self.start(stage, params, name, arm)
+        if isinstance(got, str):
+            if watch:
+                watch(got)
+            return got
         try:
-            submitted = mlflow.projects.run(
-                str(project_dir()), entry_point=stage, parameters=full, experiment_id=self.experiment_id,
-                env_manager=self.env_manager, run_name=name, synchronous=watch is None,
-            )
-            if watch is not None:
-                wait_watching(submitted, watch, self.poll_s)
-        except mlflow.projects.ExecutionException as exc:
-            raise StageFailed(f"stage {name} failed: {failure_reason(exc, self.experiment_id)}") from None
-        run_id = submitted.run_id
-        if arm:
-            MlflowClient().set_tag(run_id, ARM_TAG, arm)
-        self.started.append(run_id)
-        return run_id
+            wait_watching(got, watch or (lambda run_id: None), self.poll_s)
+        except StageFailed as exc:
+            raise StageFailed(f"stage {name} failed: {exc}") from None
+        return got.run_id
 
 
 class StageFailed(RuntimeError):
     """A stage's run ended FAILED (its reason is in the message)."""
 
 
-def wait_watching(submitted, watch: Watch, poll_s: float) -> None:
-    """Wait for an asynchronous ``mlflow.projects`` run, calling ``watch`` while it runs; cancel it if
-    ``watch`` raises (a pruned trial) or this process is interrupted."""
+class StageRun:
+    """A stage started asynchronously (``schedule.Handle``). Its run's status in the tracking store is
+    settled when its process ends or is cancelled, for a stage that ended before it could record it (killed
+    during start-up, say), as ``mlflow.projects`` does for synchronous runs."""
+
+    def __init__(self, submitted):
+        self.submitted = submitted
+
+    @property
+    def run_id(self) -> str:
+        return self.submitted.run_id
+
+    def get_status(self) -> str:
+        status = self.submitted.get_status()
+        if status not in ("RUNNING", "SCHEDULED"):
+            self.settle(status)
+        return status
+
+    def cancel(self) -> None:
+        self.submitted.cancel()
+        self.settle("KILLED")
+
+    def settle(self, status: str) -> None:
+        client = MlflowClient()
+        if client.get_run(self.run_id).info.status == "RUNNING":
+            client.set_terminated(self.run_id, status)
+
+
+class Follower:
+    """A task whose stage run is the same as an earlier task's (same stage, same parameters): it ends when that
+    run ends, and cancelling it leaves that run to its own task."""
+
+    def __init__(self, leader: StageRun):
+        self.leader = leader
+
+    @property
+    def run_id(self) -> str:
+        return self.leader.run_id
+
+    def get_status(self) -> str:
+        return self.leader.get_status()
+
+    def cancel(self) -> None:
+        pass
+
+
+def wait_watching(run: StageRun, watch: Watch, poll_s: float) -> None:
+    """Wait for a stage started asynchronously, calling ``watch`` while it runs; cancel it if ``watch`` raises
+    (a pruned trial) or this process is interrupted. Raise ``StageFailed`` if it ends otherwise than
+    FINISHED."""
     try:
-        while submitted.get_status() in ("RUNNING", "SCHEDULED"):
-            watch(submitted.run_id)
+        while (status := run.get_status()) in ("RUNNING", "SCHEDULED"):
+            watch(run.run_id)
             time.sleep(poll_s)
-        watch(submitted.run_id)
+        watch(run.run_id)
     except BaseException:
-        submitted.cancel()
-        # A stage stopped before it could record it (SIGTERM during start-up) would otherwise stay RUNNING.
-        if MlflowClient().get_run(submitted.run_id).info.status == "RUNNING":
-            MlflowClient().set_terminated(submitted.run_id, "KILLED")
+        run.cancel()
         raise
-    if not submitted.wait():
-        raise mlflow.projects.ExecutionException(f"run {submitted.run_id} ended {submitted.get_status()}")
+    if status != "FINISHED":
+        raise StageFailed(failure_reason(run.run_id))
 
 
-def failure_reason(exc: Exception, experiment_id: str) -> str:
-    """The failed child's recorded reason, when it recorded one."""
-    runs = mlflow.search_runs([experiment_id], filter_string="attributes.status = 'FAILED'",
-                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
-    if runs and tracking.ERROR_TAG in runs[0].data.tags:
-        return f"run {runs[0].info.run_id}: {runs[0].data.tags[tracking.ERROR_TAG]}"
-    return first_line(exc)
+def failure_reason(run_id: str) -> str:
+    """Why a stage run failed: the reason it recorded, else its status."""
+    run = MlflowClient().get_run(run_id)
+    if tracking.ERROR_TAG in run.data.tags:
+        return f"run {run_id}: {run.data.tags[tracking.ERROR_TAG]}"
+    return f"run {run_id} ended {run.info.status} without recording a reason (see its stage's output above)"
 
 
 def prepare(cfg: PipelineConfig) -> tuple[torch.device, budgets.Resolved]:
@@ -211,34 +288,81 @@ def run(cfg: CombinedConfig) -> str:
         selected = selected_with_needs(cfg.arm_list)
         started = time.perf_counter()
 
-        context = arms.Context(resolved.cfg.teacher_model, resolved.cfg.student_model, cfg.ipc)
-        if any(arms.ARMS[name].synthetic for name in selected):
-            first = cfg.seed_list[0]  # one synthetic set; the arms on it vary by seed
-            experts_run = runner("experts", {**experts_params(cfg, resolved.budget, cfg.ipc), "seed": first}, "experts")
-            context.synthetic_run = runner("distill", {**common, "seed": first, "experts_run": experts_run,
-                                                       "ipc": cfg.ipc}, "distill")
-            context.eval_model = distill_eval_model(context.synthetic_run)
-            if find.input_space(experts_run).zca is not None:
-                # every arm trains in the experts' whitened space, so the full-data teacher can be distilled on
-                # the synthetic set and fidelity compares models that saw the same inputs
-                common["space_run"] = experts_run  # kd arms take their teacher's space
-
-        kd_params = {"kd": {"temperature": cfg.temperature, "alpha": cfg.alpha}}
-        runs: dict[str, dict[int, str]] = {name: {} for name in selected}
-        for seed in cfg.seed_list:
-            seeded = run_arms(runner, selected, replace(context, runs={}), {**common, "seed": seed}, kd_params,
-                              lambda name, s=seed: f"{name}/seed{s}")
-            for name, run_id in seeded.items():
-                runs[name][seed] = run_id
+        threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if cfg.jobs > 1 else None
+        tasks = plan(cfg, runner, resolved, device, common, selected, env)
+        log.info("%d stage runs to run or reuse, up to %d at a time%s", len(tasks), cfg.jobs,
+                 f" with {threads} thread(s) each" if env else "")
+        mlflow.set_tag("kdd.threads_per_stage", str(threads) if env else "default")
+        try:
+            done = schedule.run(tasks, cfg.jobs, poll_s=runner.poll_s)
+        except schedule.TaskFailed as exc:
+            raise StageFailed(f"stage {exc.key} failed: {failure_reason(exc.run_id)}") from None
+        runs = {name: {seed: done[f"{name}/seed{seed}"] for seed in cfg.seed_list} for name in selected}
+        synthetic_run = done.get("distill")
 
         mlflow.set_tags({"kdd.reused_runs": ",".join(runner.reused) or "-",
                          "kdd.started_runs": ",".join(runner.started) or "-"})
-        if context.synthetic_run:
-            mlflow.set_tag("kdd.distill_run", context.synthetic_run)
+        if synthetic_run:
+            mlflow.set_tag("kdd.distill_run", synthetic_run)
         rows = compare(cfg, runs, device)
         mlflow.log_metric("pipeline_wall_s", time.perf_counter() - started)
         report.log_comparison(rows, cfg)
         return parent.info.run_id
+
+
+def plan(cfg: CombinedConfig, runner: Runner, resolved: budgets.Resolved, device: torch.device,
+         common: dict[str, object], selected: list[str], env: dict[str, str] | None) -> list[schedule.Task]:
+    """The stage runs of a combined study as a dependency graph, from the arm table: experts -> distill ->
+    the arms on the synthetic set; an arm taught by another after it; and when the experts whiten (ZCA), every
+    arm after them, since it trains in their input space. Listed experts first, then the arms in table order
+    per seed: the order runs start in when several are ready."""
+    tasks: list[schedule.Task] = []
+    whitened = False
+    if any(arms.ARMS[name].synthetic for name in selected):
+        first = cfg.seed_list[0]  # one synthetic set; the arms on it vary by seed
+        experts = {**experts_params(cfg, resolved.budget, cfg.ipc), "seed": first}
+        whitened = experts_whiten(runner.merged("experts", experts), device)
+        tasks.append(schedule.Task("experts", (), lambda done: runner.start("experts", experts, "experts", env=env)))
+
+        def distill(done: dict[str, str]):
+            if (find.input_space(done["experts"]).zca is not None) != whitened:  # the arms were ordered by it
+                raise RuntimeError(f"experts run {done['experts']} is {'not ' if whitened else ''}ZCA-whitened, "
+                                   f"but its parameters resolve to zca={whitened}")
+            return runner.start("distill", {**common, "seed": first, "experts_run": done["experts"], "ipc": cfg.ipc},
+                                "distill", env=env)
+
+        tasks.append(schedule.Task("distill", ("experts",), distill))
+    stage_params = {"kd": {"temperature": cfg.temperature, "alpha": cfg.alpha}}
+
+    def launch(name: str, seed: int, done: dict[str, str]):
+        arm = arms.ARMS[name]
+        context = arms.Context(resolved.cfg.teacher_model, resolved.cfg.student_model, cfg.ipc,
+                               runs={need: done[f"{need}/seed{seed}"] for need in arm.needs})
+        if arm.synthetic:
+            context.synthetic_run = done["distill"]
+            context.eval_model = distill_eval_model(done["distill"])
+        params = {**common, "seed": seed, **stage_params.get(arm.stage, {}), **arm.params(context)}
+        if whitened:
+            # every arm trains in the experts' whitened space, so the full-data teacher can be distilled on the
+            # synthetic set and fidelity compares models that saw the same inputs (kd arms take their teacher's)
+            params["space_run"] = done["experts"]
+        return runner.start(arm.stage, params, f"{name}/seed{seed}", name, env=env)
+
+    for seed in cfg.seed_list:
+        for name in selected:
+            arm = arms.ARMS[name]
+            needs = tuple(f"{need}/seed{seed}" for need in arm.needs)
+            needs += ("distill",) if arm.synthetic else ("experts",) if whitened else ()
+            tasks.append(schedule.Task(f"{name}/seed{seed}", needs, partial(launch, name, seed)))
+    return tasks
+
+
+def experts_whiten(params: dict[str, object], device: torch.device) -> bool:
+    """Whether an experts run with these parameters whitens its inputs: what the stage itself will resolve."""
+    fields = STAGE_CONFIGS["experts"].model_fields
+    cfg = STAGE_CONFIGS["experts"](**{k: v for k, v in params.items() if k in fields and v is not None})
+    return bool(budgets.resolve(cfg, device.type).cfg.zca)
 
 
 def distill_eval_model(distill_run: str) -> str:

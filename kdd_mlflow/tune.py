@@ -41,7 +41,6 @@ from kdd_mlflow.search_space import TUNABLE, Dimension
 log = logging.getLogger(__name__)
 
 STUDY_RUN_ATTR = "mlflow_run_id"
-TUNED_ARM = "proposal"  # the arm a trial trains and is scored by
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -264,14 +263,14 @@ class Objective:
                          watch=watch)
         context = arms.Context(cfg.teacher_model, cfg.student_model, values["ipc"], synthetic_run=distill,
                                eval_model=pipeline.distill_eval_model(distill))
-        runs = pipeline.run_arms(runner, arms.with_needs([TUNED_ARM]), context, common, searched,
+        runs = pipeline.run_arms(runner, arms.with_needs([arms.TUNED]), context, common, searched,
                                  lambda arm: f"{name}/{arm}", watch)
-        tuned, teacher = runs[TUNED_ARM], runs[arms.ARMS[TUNED_ARM].teacher]
-        for key, run_id in (("experts", experts), ("distill", distill), ("teacher", teacher), (TUNED_ARM, tuned)):
+        tuned, teacher = runs[arms.TUNED], runs[arms.ARMS[arms.TUNED].teacher]
+        for key, run_id in (("experts", experts), ("distill", distill), ("teacher", teacher), (arms.TUNED, tuned)):
             trial.set_user_attr(f"{key}_run", run_id)
         got = MlflowClient().get_run(tuned).data.metrics
         if "val_acc" not in got:
-            raise RuntimeError(f"{TUNED_ARM} run {tuned} logged no val_acc")
+            raise RuntimeError(f"{arms.TUNED} run {tuned} logged no val_acc")
         return got["val_acc"], got["test_acc"]
 
 

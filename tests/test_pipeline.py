@@ -1,3 +1,5 @@
+import os
+
 import mlflow
 import pytest
 from click.testing import CliRunner
@@ -27,12 +29,15 @@ def children(parent_id: str) -> list:
 
 @pytest.mark.slow
 def test_combined_runs_every_arm_then_reuses_them(fake_fashion):
-    parent_id = pipeline.run(tiny(fake_fashion))
+    parent_id = pipeline.run(tiny(fake_fashion, jobs=2))
     parent = mlflow.get_run(parent_id)
     assert parent.info.status == "FINISHED"
     kids = children(parent_id)
     assert len(kids) == 2 + len(ARMS)  # experts, distill, one run per arm
     assert all(k.info.status == "FINISHED" for k in kids)
+    spans = sorted((k.info.start_time, k.info.end_time) for k in kids)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))  # side by side
+    assert parent.data.tags["kdd.threads_per_stage"] == str(max(1, (os.cpu_count() or 1) // 2))
     assert {k.data.tags.get("kdd.arm") for k in kids} == set(ARMS) | {None}
     assert {k.data.tags["kdd.stage"] for k in kids} == {"experts", "distill", "teacher", "kd"}
     assert {k.info.run_name for k in kids} == {f"{arm}/seed0" for arm in ARMS} | {"experts", "distill"}

@@ -66,3 +66,30 @@ def test_dataset_inputs_carry_name_context_source_and_a_cheap_digest(monkeypatch
     unhashed_image[1] += 1
     assert lineage.digest(data.Split(hashed_image, labels)) != lineage.digest(train)
     assert lineage.digest(data.Split(unhashed_image, labels)) == lineage.digest(train)
+
+
+def test_a_dataset_logged_by_two_runs_at_once_is_linked_on_the_next_attempt(monkeypatch):
+    """Two stages side by side may both insert the same dataset; the store refuses the second insert."""
+    from mlflow.exceptions import MlflowException
+
+    calls = []
+
+    def refused_once(dataset, context):
+        calls.append(context)
+        if len(calls) == 1:
+            raise MlflowException('(psycopg.errors.UniqueViolation) duplicate key value violates unique '
+                                  'constraint "dataset_pk"')
+
+    monkeypatch.setattr(mlflow, "log_input", refused_once)
+    lineage.log_input(object(), "training")
+    assert calls == ["training", "training"]
+
+    def broken(dataset, context):
+        calls.append(context)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: run gone")
+
+    monkeypatch.setattr(mlflow, "log_input", broken)
+    calls.clear()
+    with pytest.raises(MlflowException, match="run gone"):
+        lineage.log_input(object(), "training")
+    assert calls == ["training"]  # any other error is not retried
