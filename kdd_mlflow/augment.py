@@ -16,6 +16,16 @@ import torch.nn.functional as F
 
 GROUPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 DEFAULT_STRATEGY = "_".join(GROUPS)
+# Per dataset, the groups that keep an image in its class. A mirrored digit is not that digit (or any
+# digit: a mirrored 2, 3, 4, 7 or 9), so digit datasets get no flip; clothes and natural images are
+# left-right symmetric in meaning, so Fashion-MNIST and CIFAR get every group, as in the DSA and MTT papers.
+# Rotation is kept for digits: at most 15 degrees, far from turning a 6 into a 9. Unlisted datasets: every group.
+STRATEGIES = {"mnist": "color_crop_cutout_scale_rotate"}
+
+
+def strategy_for(dataset: str) -> str:
+    """The DSA groups used for ``dataset`` by every stage that augments (experts, distill, evaluation, training)."""
+    return STRATEGIES.get(dataset, DEFAULT_STRATEGY)
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,12 @@ class DSA:
         if unknown:
             raise ValueError(f"unknown augmentation group(s) {sorted(unknown)}; choose from {GROUPS}")
         self.params = params or DSAParams()
+        self.strategy = "_".join(self.groups) or "none"
+
+    @classmethod
+    def for_dataset(cls, dataset: str) -> DSA:
+        """The augmentation that makes sense for ``dataset`` (``strategy_for``)."""
+        return cls(strategy_for(dataset))
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if not self.groups:

@@ -14,7 +14,7 @@ from kdd_mlflow import data, lineage, metrics, models
 from kdd_mlflow.artifacts import model as model_artifact
 from kdd_mlflow.artifacts import synthetic
 from kdd_mlflow.artifacts.space import InputSpace
-from kdd_mlflow.augment import DSA
+from kdd_mlflow.augment import DSA, strategy_for
 from kdd_mlflow.config import SGDStageConfig, TrainConfig
 from kdd_mlflow.train import Objective, SGDRecipe, fit, predict_logits
 
@@ -33,14 +33,15 @@ def train_and_log(model: nn.Module, model_name: str, transfer: data.Split, real:
 
     ``real`` supplies validation and test splits, already in ``space``, the input space the model is logged with.
     """
-    mlflow.log_params({"parameters": models.count_parameters(model), "train_images": len(transfer)})
+    mlflow.log_params({"parameters": models.count_parameters(model), "train_images": len(transfer),
+                       "dsa_strategy": strategy_for(real.info.name)})
     mlflow.set_tag("kdd.device", str(device))
     lineage.log_inputs(training=transfer, validation=real.val, test=real.test)
     log.info("training %s (%d parameters) on %d images, device %s", model_name, models.count_parameters(model),
              len(transfer), device)
     fit(
         model, transfer.to(device), recipe, generator,
-        augment=DSA() if augment == "dsa" else None,
+        augment=DSA.for_dataset(real.info.name) if augment == "dsa" else None,
         val=real.val.to(device),
         on_epoch=lambda epoch, m: mlflow.log_metrics(m, step=epoch + 1),
         progress=f"train {model_name}",

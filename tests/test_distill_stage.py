@@ -39,10 +39,12 @@ def test_experts_then_distill_end_to_end(fake_fashion):
     assert all(0 <= e["test_acc"] <= 1 for e in manifest["experts"])
     params = mlflow.get_run(experts_run).data.params
     assert params["budget.resolved"] == "quick" and params["budget.lr_teacher"] == "0.01"
+    assert params["dsa_strategy"] == "color_crop_cutout_flip_scale_rotate"  # clothes: every group
 
     run_id = distill_stage.run(distill_config(fake_fashion, experts_run))
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED"
+    assert run.data.params["dsa_strategy"] == params["dsa_strategy"]  # the inner loop augments as the experts did
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(run_id, "matching_loss")) == 6
     assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [0, 3, 6]

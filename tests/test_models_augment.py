@@ -89,3 +89,15 @@ def test_mlflow_run_environment_lists_the_package_dependencies():
     wanted = set(tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"])
     listed = set(yaml.safe_load((root / "python_env.yaml").read_text())["dependencies"])
     assert wanted - {"virtualenv>=20"} == listed
+
+
+@pytest.mark.parametrize("dataset, flips", [("mnist", False), ("fashion-mnist", True), ("cifar10", True),
+                                            ("cifar100", True)])
+def test_digits_are_never_mirrored_and_clothes_and_natural_images_are(dataset, flips):
+    """A mirrored digit is not that digit; a mirrored shirt or car still is (README, Augmentation)."""
+    dsa = DSA.for_dataset(dataset)
+    assert ("flip" in dsa.groups) is flips
+    assert set(dsa.groups) | {"flip"} == set(GROUPS)  # the other five groups everywhere
+    generator = torch.Generator().manual_seed(0)
+    drawn = {dsa.sample((4, 1, 28, 28), generator).group for _ in range(300)}
+    assert ("flip" in drawn) is flips and len(drawn) == len(dsa.groups)

@@ -36,7 +36,8 @@ def evaluate_set(
         train_k = train(k) if callable(train) else train
         device = train_k.images.device
         model = models.create(model_name, meta.channels, meta.num_classes, meta.image_size).to(device)
-        fit(model, train_k, eval_recipe(lr, epochs, precision=precision), generator, augment=DSA() if augment else None,
+        fit(model, train_k, eval_recipe(lr, epochs, precision=precision), generator,
+            augment=DSA.for_dataset(meta.name) if augment else None,
             progress=f"{progress} net {k + 1}/{num_nets}" if progress else False)
         accs.append(evaluate(model, measure_on)["acc"])
     return accs

@@ -77,6 +77,7 @@ def run(asked: DistillConfig) -> str:
         run_id = active.info.run_id
         budgets.log_resolved(resolved)
         tracking.log_params({"experts": len(manifest["experts"]), "zca": manifest["zca"],
+                             "dsa_strategy": DSA.for_dataset(cfg.dataset).strategy,
                              "zca_digest": buffer.space.digest})
         mlflow.set_tag("kdd.device", str(device))
         lineage.log_inputs(training=real.train, validation=real.val, test=real.test)
@@ -89,7 +90,7 @@ def run(asked: DistillConfig) -> str:
         if cfg.resume:
             state = restore(run_id, tmp, syn, generator, state)
         unroll = Unroll(cfg.syn_steps, cfg.batch_syn)
-        augment = DSA()
+        augment = DSA.for_dataset(cfg.dataset)
         val = real.val.to(device)
 
         timing = {"eval": 0.0, "evals": 0, "iteration": 0.0, "iterations": 0}

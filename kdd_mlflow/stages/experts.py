@@ -36,6 +36,7 @@ def run(asked: ExpertsConfig) -> str:
                             run_id=cfg.run_id, resolved=cfg) as active:
         run_id = active.info.run_id
         budgets.log_resolved(resolved)
+        tracking.log_params({"dsa_strategy": augment_strategy(cfg)})
         space = input_space(cfg, real, run_id if cfg.run_id else None)
         space.enter(real)
         lineage.log_inputs(training=real.train, test=real.test)
@@ -47,7 +48,7 @@ def run(asked: ExpertsConfig) -> str:
         train, test = real.train.to(device), real.test.to(device)
         recipe = SGDRecipe(cfg.epochs, cfg.batch_size, cfg.lr_teacher, cfg.momentum, cfg.weight_decay, "constant",
                            cfg.precision)
-        augment = DSA() if cfg.augment == "dsa" else None
+        augment = DSA.for_dataset(cfg.dataset) if cfg.augment == "dsa" else None
         started = time.perf_counter()
         for n, k in enumerate(tqdm(todo, desc="experts"), start=1):
             generator = seed_everything(cfg.seed * 1_000_003 + k)
@@ -68,6 +69,10 @@ def run(asked: ExpertsConfig) -> str:
         if accs:
             mlflow.log_metrics({"experts": len(accs), "expert_test_acc_mean": sum(accs) / len(accs)})
         return run_id
+
+
+def augment_strategy(cfg: ExpertsConfig) -> str:
+    return DSA.for_dataset(cfg.dataset).strategy if cfg.augment == "dsa" else "none"
 
 
 def settings(cfg: ExpertsConfig) -> dict:

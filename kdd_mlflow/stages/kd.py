@@ -15,6 +15,7 @@ import torch
 from kdd_mlflow import budgets, data, kd, metrics, models, tracking
 from kdd_mlflow.artifacts import model as model_artifact
 from kdd_mlflow.artifacts.space import InputSpace
+from kdd_mlflow.augment import DSA
 from kdd_mlflow.config import KDConfig
 from kdd_mlflow.runtime import pick_device, seed_everything
 from kdd_mlflow.supervised import sgd_recipe, small_set_source, train_and_log
@@ -82,7 +83,7 @@ def run(asked: KDConfig) -> str:
         transfer_on_device = transfer.to(device)
         with loss.attach(student, teacher, example=transfer_on_device.images[:2]):
             train_and_log(student, cfg.student, transfer_on_device, real, recipe, generator, device, loaded.space,
-                          objective=kd.kd_objective(teacher, loss, cfg.augment),
+                          objective=kd.kd_objective(teacher, loss, cfg.augment, DSA.for_dataset(cfg.dataset)),
                           extra_parameters=loss.extra_parameters())
         fid = fidelity_metrics(teacher, student, transfer_on_device, real.test.to(device))
         fid.update(metrics.compression(models.count_parameters(teacher), models.count_parameters(student),
