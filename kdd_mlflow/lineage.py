@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from typing import Any
 
 import mlflow
@@ -17,8 +16,8 @@ import numpy as np
 import torch
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json, register_dataset_source
-from mlflow.exceptions import MlflowException
 
+from kdd_mlflow import tracking
 from kdd_mlflow.data import Split
 
 DIGEST_BYTES = 4 << 20  # image bytes hashed per split at most: a stage logs its inputs in milliseconds
@@ -90,16 +89,7 @@ def log_inputs(**splits: Split) -> None:
         log_input(dataset, context)
 
 
-def log_input(dataset, context: str, attempts: int = 4) -> None:
-    """``mlflow.log_input``, again when another run logged the same dataset at the same moment: the store
-    checks for the dataset and then inserts it, so of two stages running side by side, one may find its insert
-    refused as a duplicate; the next attempt finds the dataset there and only links it."""
-    for attempt in range(attempts):
-        try:
-            mlflow.log_input(dataset, context=context)
-            return
-        except MlflowException as exc:
-            duplicate = "unique" in str(exc).lower() or "duplicate" in str(exc).lower()
-            if not duplicate or attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+def log_input(dataset, context: str) -> None:
+    """``mlflow.log_input``, again when another run logged the same dataset at the same moment (two stages
+    running side by side): the next attempt finds the dataset there and only links it."""
+    tracking.retry_concurrent(mlflow.log_input, dataset, context=context)

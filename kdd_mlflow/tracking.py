@@ -15,7 +15,8 @@ import os
 import re
 import shlex
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -38,6 +39,21 @@ CODE_TAG = "kdd.code_version"
 
 
 @functools.cache
+def retry_concurrent(write: Callable[..., Any], *args: Any, attempts: int = 4, **kwargs: Any) -> Any:
+    """``write(*args, **kwargs)``, again when the store refused it as a duplicate key. MLflow's SQL store looks a
+    row up and then inserts it (a tag, a latest metric, a dataset), so of two processes writing the same row of
+    a shared run at the same moment one may be refused; the next attempt finds the row and updates it."""
+    for attempt in range(attempts):
+        try:
+            return write(*args, **kwargs)
+        except MlflowException as exc:
+            duplicate = "unique" in str(exc).lower() or "duplicate" in str(exc).lower()
+            if not duplicate or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    return None
+
+
 def code_version() -> str:
     """A hash of the package's source files: runs are reused only when it matches (uncommitted edits count)."""
     digest = hashlib.sha256()

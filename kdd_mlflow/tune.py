@@ -320,30 +320,35 @@ def study_plots(study: optuna.Study, multi: bool) -> dict[str, object]:
 def summarise(study: optuna.Study, study_run: str, multi: bool) -> None:
     """Plots (self-contained HTML), the trials table, best parameters as tags, on the study run."""
     client = MlflowClient()
+    # every worker summarises the shared study run when it stops: two may write the same tag at once
+
+    def write(method, *args):
+        tracking.retry_concurrent(getattr(client, method), study_run, *args)
+
     trials = study.get_trials(deepcopy=False)
     states = {s.name: sum(1 for t in trials if t.state == s) for s in optuna.trial.TrialState}
     for state, n in states.items():
-        client.log_metric(study_run, f"trials_{state.lower()}", n)
+        write("log_metric", f"trials_{state.lower()}", n)
     with tempfile.TemporaryDirectory() as tmp:
         for name, fig in study_plots(study, multi).items():
             report.write_html(fig, Path(tmp) / f"{name}.html")
         if trials:
             study.trials_dataframe().to_csv(Path(tmp) / "trials.csv", index=False)
-        client.log_artifacts(study_run, tmp, "study")
+        write("log_artifacts", tmp, "study")
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         return
     if multi:
         front = study.best_trials
-        client.set_tag(study_run, "best.pareto_trials", ",".join(str(t.number) for t in front))
+        write("set_tag", "best.pareto_trials", ",".join(str(t.number) for t in front))
         return
     best = study.best_trial
-    client.log_metric(study_run, "best_value", best.value)
-    client.set_tag(study_run, "best.trial", str(best.number))
+    write("log_metric", "best_value", best.value)
+    write("set_tag", "best.trial", str(best.number))
     for k, v in best.params.items():
-        client.set_tag(study_run, f"best.{k}", str(v))
+        write("set_tag", f"best.{k}", str(v))
     if "test_acc" in best.user_attrs:
-        client.log_metric(study_run, "best_trial_test_acc", best.user_attrs["test_acc"])
+        write("log_metric", "best_trial_test_acc", best.user_attrs["test_acc"])
 
 
 def join_study(cfg: TuneConfig, storage, study_name: str, my_run: str) -> tuple[optuna.Study, str, bool]:
