@@ -82,16 +82,18 @@ def main(ref, ref_dir, rounds, timeout, json_out, benchmark_args):
             commit = marker.read_text().strip() if marker.is_file() else ref
         sides = {"ref": ref_root, "current": ROOT}
         times: dict[str, list[float]] = {"ref": [], "current": []}
+        engines: dict[str, str] = {}
         for r in range(rounds):
             order = ("ref", "current") if r % 2 == 0 else ("current", "ref")
             for side in order:
                 result = measure(sides[side], args, timeout)
                 times[side].append(result["seconds_per_iteration"])
+                engines[side] = result.get("engine", "eager")
                 print(f"round {r + 1} {side:>7}: {result['seconds_per_iteration']:.3f} s / iteration", file=sys.stderr)
     ref_s, cur_s = statistics.median(times["ref"]), statistics.median(times["current"])
     summary = {"ref": ref, "ref_commit": commit, "benchmark_args": args, "rounds": rounds,
                "ref_seconds": times["ref"], "current_seconds": times["current"],
-               "ref_median_s": ref_s, "current_median_s": cur_s, "speedup": ref_s / cur_s,
+               "ref_median_s": ref_s, "current_median_s": cur_s, "speedup": ref_s / cur_s, "engines": engines,
                "config": {k: result.get(k) for k in ("dataset", "model", "ipc", "syn_steps", "batch_syn", "matching",
                                                      "device", "threads", "torch", "gpu", "precision")}}
     print(json.dumps(summary, indent=2))

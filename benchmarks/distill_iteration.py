@@ -12,11 +12,16 @@ convolutions and matrix multiplies, ``bf16`` runs the iteration under ``torch.au
 (convolutions and matrix multiplies in bfloat16; parameters, images, norms, the loss and the updates stay
 float32). A point that runs out of CUDA memory exits with one line naming it and what it asked for, and
 prints a JSON record with ``"error": "out of memory"`` on stdout.
+
+``--engine`` picks the inner-step derivatives: ``eager`` (autograd), ``compiled`` (torch.func under
+torch.compile), or ``best`` (compiled where the package has it: a side-by-side run against an older commit
+times each tree's best). The warm-up iteration, which compiles, is reported apart (``first_iteration_s``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import platform
 import re
@@ -85,8 +90,10 @@ def out_of_memory(exc: BaseException, point: str, dev: torch.device) -> dict:
               help="GPU arithmetic: PyTorch's defaults, float32 without TF32, TF32, or bfloat16 autocast")
 @click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=False, show_default=True,
               help="let cuDNN time its convolution algorithms and keep the fastest")
+@click.option("--engine", type=click.Choice(["eager", "compiled", "best"]), default="eager", show_default=True,
+              help="inner-step derivatives: autograd, torch.compile, or compiled where the package has it")
 def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment, matching, memory_limit_gib,
-         precision, cudnn_benchmark):
+         precision, cudnn_benchmark, engine):
     if memory_limit_gib is not None:
         cap = int(memory_limit_gib * 2**30)
         resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
@@ -97,7 +104,12 @@ def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment,
     arithmetic = set_precision(precision, cudnn_benchmark) if dev.type == "cuda" else contextlib.nullcontext()
     torch.manual_seed(0)
     net = models.create(model, meta.channels, meta.num_classes, meta.image_size).to(dev)
-    student = FlatModel(net)
+    can_compile = "compile" in inspect.signature(FlatModel.__init__).parameters
+    if engine == "compiled" and not can_compile:
+        raise click.BadParameter(f"the package at {Path(kdd_mlflow.__file__).parent} has no compiled engine",
+                                 param_hint="--engine")
+    compiled = engine == "compiled" or (engine == "best" and can_compile)
+    student = FlatModel(net, compile=True) if compiled else FlatModel(net)
     start = flat_parameters(net).to(dev)
     target = start + 0.01 * torch.randn_like(start)
     n = ipc * meta.num_classes
@@ -114,8 +126,9 @@ def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment,
     times = []
     try:
         with arithmetic:
+            t0 = time.perf_counter()
             try:
-                mtt_iteration(syn, student, start, target, unroll, aug, gen, matching)  # warm-up
+                mtt_iteration(syn, student, start, target, unroll, aug, gen, matching)  # warm-up (compiles)
             except (RuntimeError, MemoryError) as exc:
                 if isinstance(exc, torch.OutOfMemoryError) or memory_limit_gib is None or (
                         "allocate" not in str(exc) and not isinstance(exc, MemoryError)):
@@ -124,6 +137,7 @@ def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment,
             if dev.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            first_iteration = time.perf_counter() - t0
             for _ in range(iterations):
                 t0 = time.perf_counter()
                 mtt_iteration(syn, student, start, target, unroll, aug, gen, matching)
@@ -139,7 +153,8 @@ def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment,
                          f"{record.get('peak_cuda_mib_at_failure', 0) / 1024:.2f} GiB already held") from None
     result = {
         "dataset": dataset, "model": model, "ipc": ipc, "syn_steps": syn_steps, "batch_syn": batch_syn or n,
-        "augment": augment, "matching": matching, "device": str(dev), "iterations": iterations,
+        "augment": augment, "matching": matching, "engine": "compiled" if compiled else "eager",
+        "first_iteration_s": round(first_iteration, 3), "device": str(dev), "iterations": iterations,
         "seconds_per_iteration": sum(times) / len(times), "seconds_min": min(times),
         "seconds_median": statistics.median(times), "seconds": [round(t, 5) for t in times],
         "peak_rss_mib": round(peak_rss_mib(), 1), "rss_growth_mib": round(peak_rss_mib() - baseline, 1),

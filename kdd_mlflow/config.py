@@ -166,7 +166,15 @@ class DistillConfig(TrainingConfig):
     iterations: int | None = Field(None, ge=0, description="distillation iterations (paper: 5000)")
     syn_steps: int | None = Field(None, ge=1, description="student SGD steps unrolled on the synthetic set")
     expert_epochs: int | None = Field(None, ge=1, description="expert epochs the student must cover")
-    max_start_epoch: int | None = Field(None, ge=1, description="start epoch drawn uniformly in [0, this)")
+    max_start_epoch: int | None = Field(None, ge=1, description="start epoch drawn uniformly in [min_start_epoch, "
+                                                               "this)")
+    min_start_epoch: int = Field(0, ge=0, description="the earliest start epoch")
+    window_start: int | None = Field(
+        None, ge=1, description="difficulty-aligned window (DATM): the start epochs' upper bound begins here and grows "
+                                "linearly to max_start_epoch by window_iterations (default: no window, the bound is "
+                                "max_start_epoch throughout)")
+    window_iterations: int | None = Field(None, ge=1, description="iterations over which the window's upper bound "
+                                                                  "grows (default: all of them)")
     lr_img: float | None = Field(None, gt=0, description="learning rate of the synthetic pixels")
     lr_lr: float | None = Field(None, gt=0, description="learning rate of the learnable step size")
     lr_teacher: float | None = Field(None, gt=0, description="initial synthetic step size")
@@ -179,6 +187,14 @@ class DistillConfig(TrainingConfig):
     matching: Literal["unrolled", "recompute", "first-order"] = Field(
         "unrolled", description="gradient of the matching loss: unrolled (autograd through every step), "
                                 "recompute (the same, exactly, in one step's memory), first-order (TESLA)")
+    labels: Literal["hard", "soft", "learned"] = Field(
+        "hard", description="synthetic labels: hard (the class), soft (an expert's logits on the initial images, "
+                            "drawn among those it classifies correctly), learned (soft, then learned by the matching "
+                            "loss; DATM)")
+    lr_label: float = Field(2.0, gt=0, description="learning rate of learned labels (SGD, momentum 0.9)")
+    engine: Literal["eager", "compiled"] = Field(
+        "eager", description="inner-step derivatives: eager (autograd) or compiled (torch.func under torch.compile: "
+                             "fused kernels, compiles once per shape; README, Performance)")
     checkpoint_every: int | None = Field(None, ge=1, description="checkpoint every this many iterations")
     resume: str | None = Field(None, description="distill run id to resume from its last checkpoint")
 
@@ -194,6 +210,29 @@ class DistillConfig(TrainingConfig):
     @classmethod
     def _known_model(cls, v: str | None) -> str | None:
         return None if v is None else models.check_name(v)
+
+    @model_validator(mode="after")
+    def _window_is_ordered(self) -> DistillConfig:
+        top = self.max_start_epoch
+        if top is not None and self.min_start_epoch >= top:
+            raise ValueError(f"min_start_epoch {self.min_start_epoch} must be below max_start_epoch {top}")
+        if self.window_start is not None and (self.window_start <= self.min_start_epoch
+                                              or (top is not None and self.window_start > top)):
+            raise ValueError(f"window_start {self.window_start} must lie in (min_start_epoch, max_start_epoch]")
+        return self
+
+    @model_validator(mode="after")
+    def _soft_labels_need_real_images(self) -> DistillConfig:
+        if self.labels != "hard" and self.init != "real":
+            raise ValueError(f"labels '{self.labels}' come from an expert's logits on real images; use init 'real'")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_fits_matching(self) -> DistillConfig:
+        if self.engine == "compiled" and self.matching == "unrolled":
+            raise ValueError("engine 'compiled' serves matching 'recompute' and 'first-order' (the same gradients as "
+                             "unrolled); the unrolled loop runs eager")
+        return self
 
     @property
     def experts_runs(self) -> list[str]:

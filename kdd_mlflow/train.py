@@ -19,7 +19,7 @@ Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], t
 
 
 def supervised(augment: DSA | None = None) -> Objective:
-    """Cross-entropy on (optionally DSA-augmented) images."""
+    """Cross-entropy on (optionally DSA-augmented) images, against class labels or class probabilities."""
 
     def objective(model, x, y, generator):
         if augment is not None:
@@ -104,7 +104,7 @@ def fit(
             optimizer.step()
             scheduler.step()
             loss_sum += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(1) == y).sum()
+            correct += (logits.detach().argmax(1) == (y.argmax(1) if y.is_floating_point() else y)).sum()
         metrics = {"train_loss": loss_sum.item() / len(train), "train_acc": correct.item() / len(train)}
         if not torch.isfinite(torch.tensor(metrics["train_loss"])):
             raise FloatingPointError(f"training diverged at epoch {epoch + 1}: loss is {metrics['train_loss']}")

@@ -97,9 +97,10 @@ def test_shards_fill_one_buffer_and_a_rerun_trains_only_missing_experts(fake_fas
     assert mlflow.get_run(crashed_id).info.status == "FINISHED"
 
 
-def test_distill_resume_equals_uninterrupted(fake_fashion, monkeypatch):
+@pytest.mark.parametrize("labels", ["learned"])  # learned labels: images, step size and labels all resume
+def test_distill_resume_equals_uninterrupted(fake_fashion, monkeypatch, labels):
     experts_run = experts_stage.run(experts_config(fake_fashion))
-    whole = distill_stage.run(distill_config(fake_fashion, experts_run))
+    whole = distill_stage.run(distill_config(fake_fashion, experts_run, labels=labels))
 
     calls = []
     real_iteration = distill_stage.mtt_iteration
@@ -112,16 +113,18 @@ def test_distill_resume_equals_uninterrupted(fake_fashion, monkeypatch):
 
     monkeypatch.setattr(distill_stage, "mtt_iteration", crash_at_fifth)
     with pytest.raises(KeyboardInterrupt):
-        distill_stage.run(distill_config(fake_fashion, experts_run))
+        distill_stage.run(distill_config(fake_fashion, experts_run, labels=labels))
     monkeypatch.setattr(distill_stage, "mtt_iteration", real_iteration)
     crashed = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'KILLED'")
-    resumed = distill_stage.run(distill_config(fake_fashion, experts_run, resume=crashed["run_id"][0]))
+    resumed = distill_stage.run(distill_config(fake_fashion, experts_run, labels=labels, resume=crashed["run_id"][0]))
 
     def final(run_id):
         return load_file(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/synthetic/synthetic.safetensors"))
 
     a, b = final(whole), final(resumed)
     assert torch.equal(a["images"], b["images"]) and torch.equal(a["lr"], b["lr"])
+    assert ("soft_labels" in a) == (labels != "hard") and torch.equal(a.get("soft_labels", a["labels"]),
+                                                                       b.get("soft_labels", b["labels"]))
     losses = [[m.value for m in mlflow.MlflowClient().get_metric_history(r, "matching_loss")] for r in (whole, resumed)]
     assert sorted(losses[0]) == sorted(losses[1])
 
@@ -197,3 +200,40 @@ def test_mlflow_run_experts_then_distill(fake_fashion, tmp_path):
     assert run.data.params["budget.lr_img"] == "100.0" and "test_acc_mean" in run.data.metrics
     params = mlflow.get_run(experts_run).data.params
     assert "budget.model" not in params and params["model"] == "convnet-w8" and params["budget.lr_teacher"] == "0.01"
+
+
+def test_learned_soft_labels_and_the_window_in_one_run(fake_fashion):
+    experts_run = experts_stage.run(experts_config(fake_fashion))
+    run_id = distill_stage.run(distill_config(fake_fashion, experts_run, labels="learned", lr_label=50.0,
+                                              max_start_epoch=2, window_start=1, window_iterations=3))
+    run = mlflow.get_run(run_id)
+    assert run.data.params["labels"] == "learned"
+    for key in ("random_subset_soft_test_acc_mean", "ior", "init_misclassified"):
+        assert key in run.data.metrics
+    assert run.data.metrics["ior"] == pytest.approx(run.data.metrics["test_acc_mean"]
+                                                    - run.data.metrics["random_subset_soft_test_acc_mean"])
+    distilled = synthetic.load(run_id)
+    assert distilled.spec()["labels"] == "soft" and distilled.soft_labels.shape == (20, 10)
+    assert distilled.labels.tolist() == [c for c in range(10) for _ in range(2)]  # the classes stay
+    assert distilled.soft_labels.std() > 0
+    # the window: the bound starts at window_start and reaches max_start_epoch at window_iterations
+    history = mlflow.MlflowClient().get_metric_history(run_id, "max_start_epoch_now")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [1, 1, 1, 2, 2, 2]
+
+
+def test_soft_labels_need_real_initial_images():
+    with pytest.raises(ValueError, match="use init 'real'"):
+        DistillConfig(experts_run="abc", labels="soft", init="noise")
+
+
+def test_the_difficulty_aligned_window_grows_to_max_start_epoch():
+    cfg = DistillConfig(experts_run="abc", iterations=100, max_start_epoch=20, min_start_epoch=2, window_start=10,
+                        window_iterations=50)
+    bounds = [distill_stage.start_epoch_bound(cfg, it) for it in (0, 25, 49, 50, 99)]
+    assert bounds == [10, 15, 19, 20, 20]
+    plain = DistillConfig(experts_run="abc", iterations=100, max_start_epoch=20)
+    assert {distill_stage.start_epoch_bound(plain, it) for it in range(100)} == {20}
+    with pytest.raises(ValueError, match="window_start 30 must lie"):
+        DistillConfig(experts_run="abc", max_start_epoch=20, window_start=30)
+    with pytest.raises(ValueError, match="min_start_epoch 20 must be below"):
+        DistillConfig(experts_run="abc", max_start_epoch=20, min_start_epoch=20)

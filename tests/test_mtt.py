@@ -180,3 +180,50 @@ def test_unknown_matching_mode_is_refused():
     with pytest.raises(ValueError, match="unknown matching mode 'fast'"):
         matching_gradients("fast", student, start, target, images, labels, torch.tensor(0.1), Unroll(1), None,
                            torch.Generator())
+
+
+def soft_problem():
+    student, start, target, images, labels = tiny_problem(dtype=torch.float64)
+    soft = F.one_hot(labels, 4).to(torch.float64) * 3 + 0.1 * torch.randn(len(labels), 4, dtype=torch.float64)
+    return student, start, target, images, soft
+
+
+@pytest.mark.parametrize("augment", [None, DSA()], ids=["plain", "dsa"])
+def test_learned_labels_get_the_same_gradient_by_recompute_as_unrolled(augment):
+    student, start, target, images, soft = soft_problem()
+    got = {}
+    for mode in ("unrolled", "recompute"):
+        x, y = images.clone().requires_grad_(True), soft.clone().requires_grad_(True)
+        lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+        got[mode] = matching_gradients(mode, student, start, target, x, y, lr, Unroll(syn_steps=5, batch_syn=4),
+                                       augment, torch.Generator().manual_seed(2))[1]
+    assert len(got["unrolled"]) == 3 and got["unrolled"][2].shape == soft.shape
+    for a, b in zip(got["recompute"], got["unrolled"], strict=True):
+        assert ((a - b).norm() / b.norm()).item() < 1e-6
+    assert got["unrolled"][2].abs().sum() > 0
+
+
+def test_soft_labels_reach_the_inner_loss():
+    """The student's endpoint moves with the soft labels; one-hot-like soft labels approach the hard ones."""
+    student, start, _, images, soft = soft_problem()
+    hard = soft.argmax(1)
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    end = {name: student_endpoint(student, start, images, y, lr, Unroll(3), None, torch.Generator().manual_seed(0))
+           for name, y in (("hard", hard), ("soft", soft), ("sharp", F.one_hot(hard, 4).double() * 40))}
+    assert (end["soft"] - end["hard"]).norm() > 1e-4
+    assert (end["sharp"] - end["hard"]).norm() < 1e-6 * end["hard"].norm()
+
+
+def test_learned_labels_are_updated_and_hard_ones_refused():
+    student, start, target, images, soft = soft_problem()
+    syn = SyntheticSet(images, soft, syn_lr=0.05, lr_img=10.0, lr_lr=1e-4, learn_labels=True, lr_label=5.0)
+    before = syn.labels.detach().clone()
+    _, applied = mtt_iteration(syn, student, start, target, Unroll(4), DSA(), torch.Generator().manual_seed(0),
+                               mode="recompute")
+    assert applied and (syn.labels.detach() - before).abs().max() > 0
+    state = syn.state_dict()
+    again = SyntheticSet(images, soft, syn_lr=0.05, lr_img=10.0, lr_lr=1e-4, learn_labels=True)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.labels.detach(), syn.labels.detach())
+    with pytest.raises(ValueError, match="only soft"):
+        SyntheticSet(images, soft.argmax(1), 0.05, 10.0, 1e-4, learn_labels=True)

@@ -204,8 +204,14 @@ class ExpertsBuffer:
             except ValueError as exc:
                 raise tracking.ArtifactError(f"run {e['run_id']}: {exc}") from None
 
-    def segment(self, generator: torch.Generator, max_start_epoch: int, expert_epochs: int):
-        """A random expert's parameters at a random start epoch and ``expert_epochs`` later."""
+    def final_expert(self, k: int = 0) -> torch.Tensor:
+        """Expert ``k``'s flat parameters after its last epoch."""
+        trajectory = self.trajectories[k]
+        return trajectory.epoch(trajectory.meta.epochs)
+
+    def segment(self, generator: torch.Generator, max_start_epoch: int, expert_epochs: int, min_start_epoch: int = 0):
+        """A random expert's parameters at a random start epoch in [min_start_epoch, max_start_epoch) and
+        ``expert_epochs`` later."""
         expert = self.trajectories[int(torch.randint(len(self.trajectories), (1,), generator=generator))]
-        start = int(torch.randint(max_start_epoch, (1,), generator=generator))
+        start = min_start_epoch + int(torch.randint(max_start_epoch - min_start_epoch, (1,), generator=generator))
         return expert.epoch(start), expert.epoch(start + expert_epochs)

@@ -24,6 +24,8 @@ get dL/dX (images) and dL/dalpha (step size), all replaying the same mini-batche
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +37,20 @@ from kdd_mlflow.augment import DSA, Draw
 
 
 class FlatModel:
-    """Call a module with its parameters given as one flat vector."""
+    """Call a module with its parameters given as one flat vector, and take the two derivatives trajectory
+    matching needs of one inner step's loss ``CE(f(theta, x), y)``:
 
-    def __init__(self, model: nn.Module):
+    - ``step_grad(theta, x, y)``: g = dCE/dtheta, itself differentiable when theta or x carry a graph;
+    - ``step_adjoint(theta, x, y, lam)``: (g, H lam, (dg/dx)^T lam), one vector-Jacobian product of g.
+
+    ``compile=True`` builds both, where no graph is asked for (the ``recompute`` and ``first-order`` sweeps), with
+    torch.func (grad, vjp) under torch.compile: each becomes one traced graph whose element-wise and
+    normalisation work the compiler fuses, with the same arithmetic (equal to the eager path to rounding; the
+    tests check it in float64). The first call of each input shape compiles (tens of seconds on a CPU; later
+    processes reuse the on-disk cache). The unrolled loop stays eager: compiled, its steps measured slower.
+    """
+
+    def __init__(self, model: nn.Module, compile: bool = False):
         if any(True for _ in model.buffers()):
             raise ValueError("trajectory matching needs a model without buffers (e.g. no batch norm)")
         self.model = model
@@ -45,10 +58,69 @@ class FlatModel:
         self.shapes = [p.shape for _, p in model.named_parameters()]
         self.sizes = [p.numel() for _, p in model.named_parameters()]
         self.num_params = sum(self.sizes)
+        self.compiled = compile
+        if compile:
+            self._grad = torch.compile(torch.func.grad(self.loss), dynamic=False)
+            self._adjoint = torch.compile(self._functional_adjoint, dynamic=False)
 
     def __call__(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         params = {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.sizes), self.shapes, strict=True)}
         return functional_call(self.model, params, (x,))
+
+    def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross entropy against hard labels (int64) or against soft ones (float logits, through softmax)."""
+        return soft_cross_entropy(self(theta, x), y)
+
+    def _functional_adjoint(self, theta, x, y, lam, wrt_labels: bool):
+        if wrt_labels:
+            g, pullback = torch.func.vjp(torch.func.grad(self.loss), theta, x, y)
+            return g, *pullback(lam)
+        g, pullback = torch.func.vjp(lambda t, xx: torch.func.grad(self.loss)(t, xx, y), theta, x)
+        return g, *pullback(lam), None
+
+    def step_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """dCE/dtheta; with a graph back to theta and x when either requires grad (the unrolled loop)."""
+        differentiable = torch.is_grad_enabled() and (theta.requires_grad or x.requires_grad)
+        if self.compiled and not differentiable:
+            return self._grad(theta, x, y)
+        with torch.enable_grad():
+            leaf = theta if theta.requires_grad else theta.detach().requires_grad_(True)
+            return torch.autograd.grad(self.loss(leaf, x, y), leaf, create_graph=differentiable)[0]
+
+    def step_adjoint(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor,
+                     wrt_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(g, H lam, (dg/dx)^T lam, (dg/dy)^T lam) at (theta, x, y), all detached; the last only for learned
+        (float) labels when ``wrt_labels``, else None."""
+        theta, x, y = theta.detach(), x.detach(), y.detach()
+        if self.compiled:
+            with torch.no_grad():
+                return self._adjoint(theta, x, y, lam, wrt_labels)
+        theta, x = theta.requires_grad_(True), x.requires_grad_(True)  # new leaves on the same storage
+        inputs = (theta, x, y.requires_grad_(True)) if wrt_labels else (theta, x)
+        with torch.enable_grad():
+            g = torch.autograd.grad(self.loss(theta, x, y), theta, create_graph=True)[0]
+            pulled = torch.autograd.grad(g, inputs, grad_outputs=lam)
+        return g.detach(), pulled[0], pulled[1], pulled[2] if wrt_labels else None
+
+
+def soft_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross entropy against hard labels (int64 classes) or soft ones (float logits: softmax(y) as the
+    target distribution, as in DATM's learned labels)."""
+    return F.cross_entropy(logits, y.softmax(1) if y.is_floating_point() else y)
+
+
+ENGINES = ("eager", "compiled")
+
+
+def use_compiler(engine: str, device_type: str) -> bool:
+    """Whether ``engine`` means the compiled step functions; refused with one line where they cannot build
+    (torch.compile's CPU code generation needs a C++ compiler)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    if engine == "compiled" and device_type == "cpu" and not any(
+            shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        raise ValueError("engine 'compiled' needs a C++ compiler on a CPU (g++ or clang++, or $CXX); none found")
+    return engine == "compiled"
 
 
 @dataclass
@@ -89,12 +161,10 @@ def plan_steps(images: torch.Tensor, unroll: Unroll, augment: DSA | None, genera
     return steps
 
 
-def step_loss(student: FlatModel, theta: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, step: Step,
-              augment: DSA | None) -> torch.Tensor:
+def step_inputs(images: torch.Tensor, step: Step, augment: DSA | None) -> torch.Tensor:
+    """The (augmented) mini-batch of one inner step, differentiable with respect to ``images``."""
     x = images[step.idx]
-    if step.draw is not None:
-        x = augment.apply(x, step.draw)
-    return F.cross_entropy(student(theta, x), labels[step.idx])
+    return augment.apply(x, step.draw) if step.draw is not None else x
 
 
 def student_endpoint(
@@ -105,9 +175,7 @@ def student_endpoint(
     """theta_N after ``syn_steps`` differentiable SGD steps from ``start`` on the synthetic set."""
     theta = start.detach().requires_grad_(True)
     for step in steps if steps is not None else plan_steps(images, unroll, augment, generator):
-        grad = torch.autograd.grad(step_loss(student, theta, images, labels, step, augment), theta,
-                                   create_graph=True)[0]
-        theta = theta - syn_lr * grad
+        theta = theta - syn_lr * student.step_grad(theta, step_inputs(images, step, augment), labels[step.idx])
     return theta
 
 
@@ -115,36 +183,40 @@ def adjoint_gradients(
     student: FlatModel, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
     syn_lr: torch.Tensor, steps: list[Step], augment: DSA | None, exact: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(matching loss, dL/dimages, dL/dsyn_lr) without keeping the unrolled graph.
+    """(matching loss, dL/dimages, dL/dsyn_lr, dL/dlabels or None) without keeping the unrolled graph;
+    the label gradient for learned (float, requires_grad) labels.
 
     ``exact``: the adjoint recursion (``recompute``); otherwise lambda stays lambda_N (``first-order``).
+    Each step's augmentation is re-applied going backwards and (dg_i/dx)^T lambda pulled back through it
+    to the images, so memory stays that of one step.
     """
     alpha = syn_lr.detach()
     x_leaf = images.detach()
     thetas = [start.detach()]
-    for step in steps:  # forward: parameters only
-        theta = thetas[-1].detach().requires_grad_(True)
-        with torch.enable_grad():
-            g = torch.autograd.grad(step_loss(student, theta, x_leaf, labels, step, augment), theta)[0]
-        thetas.append((thetas[-1] - alpha * g).detach())
+    with torch.no_grad():
+        for step in steps:  # forward: parameters only
+            g = student.step_grad(thetas[-1], step_inputs(x_leaf, step, augment), labels[step.idx].detach())
+            thetas.append(thetas[-1] - alpha * g.detach())
     denom = (thetas[0] - target).pow(2).sum()
     loss = (thetas[-1] - target).pow(2).sum() / denom
     lam = 2 * (thetas[-1] - target) / denom
     grad_x = torch.zeros_like(x_leaf)
     grad_alpha = torch.zeros((), dtype=alpha.dtype, device=alpha.device)
+    learned = labels.requires_grad
+    grad_y = torch.zeros_like(labels, requires_grad=False) if learned else None
     for i in range(len(steps) - 1, -1, -1):  # backward: one step's graph at a time
-        theta = thetas[i].detach().requires_grad_(True)  # a new leaf on the same storage, no copy
-        x = x_leaf.detach().requires_grad_(True)
         with torch.enable_grad():
-            g = torch.autograd.grad(step_loss(student, theta, x, labels, steps[i], augment), theta,
-                                    create_graph=True)[0]
-            h_lam, gx_lam = torch.autograd.grad(g, (theta, x), grad_outputs=lam, allow_unused=True)
-        grad_alpha -= (g.detach() * lam).sum()
-        if gx_lam is not None:
-            grad_x -= alpha * gx_lam
+            x = x_leaf.detach().requires_grad_(True)
+            x_step = step_inputs(x, steps[i], augment)
+        idx = steps[i].idx
+        g, h_lam, gx_lam, gy_lam = student.step_adjoint(thetas[i], x_step, labels[idx], lam, wrt_labels=learned)
+        grad_alpha -= (g * lam).sum()
+        grad_x -= alpha * torch.autograd.grad(x_step, x, grad_outputs=gx_lam)[0]
+        if learned:
+            grad_y.index_add_(0, idx, -alpha * gy_lam)
         if exact:
             lam = lam - alpha * h_lam
-    return loss, grad_x, grad_alpha
+    return loss, grad_x, grad_alpha, grad_y
 
 
 def matching_loss(end: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -152,71 +224,98 @@ def matching_loss(end: torch.Tensor, start: torch.Tensor, target: torch.Tensor) 
     return (end - target).pow(2).sum() / (start - target).pow(2).sum()
 
 
-class SyntheticSet:
-    """Learnable images, fixed hard labels and a learnable step size that stays positive."""
+LABELS = ("hard", "soft", "learned")
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, syn_lr: float, lr_img: float, lr_lr: float):
+
+class SyntheticSet:
+    """Learnable images, their labels and a learnable step size that stays positive.
+
+    Labels are hard (int64 classes) or soft (float logits per class: the inner loop's targets are their
+    softmax); ``learn_labels`` makes soft labels learnable through the matching loss (DATM), with their own
+    SGD (``lr_label``, momentum 0.9).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, syn_lr: float, lr_img: float, lr_lr: float,
+                 learn_labels: bool = False, lr_label: float = 2.0):
+        if learn_labels and not labels.is_floating_point():
+            raise ValueError("only soft (float logit) labels can be learned")
         self.images = images.detach().clone().requires_grad_(True)
-        self.labels = labels.detach().clone()
+        self.labels = labels.detach().clone().requires_grad_(learn_labels)
         self.syn_lr = torch.tensor(float(syn_lr), device=images.device, requires_grad=True)
         self.lr_floor = float(syn_lr) * 1e-3
         self.opt_img = torch.optim.SGD([self.images], lr=lr_img, momentum=0.5)
         self.opt_lr = torch.optim.SGD([self.syn_lr], lr=lr_lr, momentum=0.5)
+        self.opt_label = torch.optim.SGD([self.labels], lr=lr_label, momentum=0.9) if learn_labels else None
 
-    def update(self, loss: torch.Tensor, grads: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
-        """One optimiser step from ``loss`` (or from ``grads`` for the images and step size, computed
-        elsewhere); a non-finite loss or gradient skips it. Returns whether it applied."""
-        self.opt_img.zero_grad(set_to_none=True)
-        self.opt_lr.zero_grad(set_to_none=True)
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.opt_img, self.opt_lr, self.opt_label) if o is not None]
+
+    @property
+    def learnable(self) -> list[torch.Tensor]:
+        return [self.images, self.syn_lr, *([self.labels] if self.opt_label is not None else [])]
+
+    def update(self, loss: torch.Tensor, grads: tuple[torch.Tensor, ...] | None = None) -> bool:
+        """One optimiser step from ``loss`` (or from ``grads`` for the images, the step size and, when learned,
+        the labels, computed elsewhere); a non-finite loss or gradient skips it. Returns whether it applied."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             return False
         if grads is None:
             loss.backward()
         else:
-            self.images.grad, self.syn_lr.grad = grads[0], grads[1].reshape(self.syn_lr.shape)
-        if any(g is None or not torch.isfinite(g).all() for g in (self.images.grad, self.syn_lr.grad)):
-            self.opt_img.zero_grad(set_to_none=True)
-            self.opt_lr.zero_grad(set_to_none=True)
+            for tensor, grad in zip(self.learnable, grads, strict=True):
+                tensor.grad = grad.reshape(tensor.shape)
+        if any(t.grad is None or not torch.isfinite(t.grad).all() for t in self.learnable):
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
             return False
-        self.opt_img.step()
-        self.opt_lr.step()
+        for opt in self.optimizers:
+            opt.step()
         with torch.no_grad():  # projected step: the step size never reaches zero or below
             self.syn_lr.clamp_(min=self.lr_floor)
         return True
 
     def state_dict(self) -> dict:
-        return {
-            "images": self.images.detach().cpu(), "labels": self.labels.cpu(),
-            "syn_lr": self.syn_lr.detach().cpu(), "opt_img": self.opt_img.state_dict(),
-            "opt_lr": self.opt_lr.state_dict(),
-        }
+        state = {"images": self.images.detach().cpu(), "labels": self.labels.detach().cpu(),
+                 "syn_lr": self.syn_lr.detach().cpu(), "opt_img": self.opt_img.state_dict(),
+                 "opt_lr": self.opt_lr.state_dict()}
+        if self.opt_label is not None:
+            state["opt_label"] = self.opt_label.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             self.images.copy_(state["images"])
             self.syn_lr.copy_(state["syn_lr"])
+            self.labels.copy_(state["labels"])
         self.opt_img.load_state_dict(state["opt_img"])
         self.opt_lr.load_state_dict(state["opt_lr"])
+        if self.opt_label is not None:
+            self.opt_label.load_state_dict(state["opt_label"])
 
 
 def matching_gradients(
     mode: str, student: FlatModel, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor,
     labels: torch.Tensor, syn_lr: torch.Tensor, unroll: Unroll, augment: DSA | None, generator: torch.Generator,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """The matching loss and its gradients with respect to the images and the step size, by ``mode``."""
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The matching loss and its gradients with respect to the images and the step size (and the labels,
+    when they require grad: learned soft labels), by ``mode``."""
     if mode not in MODES:
         raise ValueError(f"unknown matching mode {mode!r}; choose from {', '.join(MODES)}")
     steps = plan_steps(images, unroll, augment, generator)
+    learned = labels.requires_grad
     if mode == "unrolled":
         end = student_endpoint(student, start, images, labels, syn_lr, unroll, augment, generator, steps)
         loss = matching_loss(end, start, target)
+        wrt = (images, syn_lr, labels) if learned else (images, syn_lr)
         if not torch.isfinite(loss):
-            return loss.detach(), (torch.zeros_like(images), torch.zeros_like(syn_lr))
-        gx, ga = torch.autograd.grad(loss, (images, syn_lr))
-        return loss.detach(), (gx, ga)
-    loss, gx, ga = adjoint_gradients(student, start, target, images, labels, syn_lr, steps, augment,
-                                     exact=mode == "recompute")
-    return loss, (gx, ga)
+            return loss.detach(), tuple(torch.zeros_like(t) for t in wrt)
+        return loss.detach(), torch.autograd.grad(loss, wrt)
+    loss, gx, ga, gy = adjoint_gradients(student, start, target, images, labels, syn_lr, steps, augment,
+                                         exact=mode == "recompute")
+    return loss, ((gx, ga, gy) if learned else (gx, ga))
 
 
 def mtt_iteration(

@@ -25,8 +25,9 @@ from kdd_mlflow.artifacts.experts import ExpertsBuffer
 from kdd_mlflow.artifacts.space import InputSpace
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.config import DistillConfig
+from kdd_mlflow.distill import labels as soft_labels
 from kdd_mlflow.distill.evaluate import evaluate_set, mean_std
-from kdd_mlflow.distill.mtt import FlatModel, SyntheticSet, Unroll, mtt_iteration
+from kdd_mlflow.distill.mtt import FlatModel, SyntheticSet, Unroll, mtt_iteration, use_compiler
 from kdd_mlflow.runtime import pick_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def check_against_experts(cfg: DistillConfig, manifest: dict) -> None:
         raise ValueError(
             f"max_start_epoch + expert_epochs = {needed} exceeds the experts' {manifest['epochs']} epochs"
         )
+    type(cfg).model_validate(cfg.model_dump())  # the start-epoch window, now that the budget has filled it in
 
 
 def initial_images(real: data.RealData, ipc: int, init: str, generator: torch.Generator) -> data.Split:
@@ -67,6 +69,7 @@ def run(asked: DistillConfig) -> str:
                                    experts_zca=buffer.space.zca is not None)
         cfg = resolved.cfg
         check_against_experts(cfg, manifest)
+        compiled = use_compiler(cfg.engine, device.type)
         # the experts' validation split and their stored whitening: the set is learned in the very space their
         # trajectories live in, whichever training images it starts from
         real = buffer.space.enter(data.load(cfg.dataset, cfg.data_dir, manifest["val_size"], cfg.train_limit))
@@ -78,15 +81,24 @@ def run(asked: DistillConfig) -> str:
         budgets.log_resolved(resolved)
         tracking.log_params({"experts": len(manifest["experts"]), "zca": manifest["zca"],
                              "dsa_strategy": DSA.for_dataset(cfg.dataset).strategy,
-                             "zca_digest": buffer.space.digest})
+                             "zca_digest": buffer.space.digest, "engine.resolved": "compiled" if compiled else "eager"})
         mlflow.set_tag("kdd.device", str(device))
         lineage.log_inputs(training=real.train, validation=real.val, test=real.test)
         student = FlatModel(models.create(manifest["model"], meta.channels, meta.num_classes, meta.image_size)
-                            .to(device))
-        init = initial_images(real, cfg.ipc, cfg.init, generator)
-        syn = SyntheticSet(init.images.to(device), init.labels.to(device), cfg.lr_teacher, cfg.lr_img, cfg.lr_lr)
+                            .to(device), compile=compiled)
+        expert = buffer.final_expert(0).to(device)  # DATM: the first expert, fully trained, labels the set
+        labeller = lambda x: student(expert, x.to(device))  # noqa: E731
+        if cfg.labels == "hard":
+            init = initial_images(real, cfg.ipc, cfg.init, generator)
+            init_labels = init.labels
+        else:
+            init, init_labels, short = soft_labels.expert_labelled_subset(real, cfg.ipc, labeller, generator)
+            mlflow.log_metric("init_misclassified", short)
+        syn = SyntheticSet(init.images.to(device), init_labels.to(device), cfg.lr_teacher, cfg.lr_img, cfg.lr_lr,
+                           learn_labels=cfg.labels == "learned", lr_label=cfg.lr_label)
         state = {"iteration": 0, "skipped": 0, "best_val": -1.0, "best_iteration": -1,
-                 "best_images": syn.images.detach().cpu().clone(), "best_lr": syn.syn_lr.detach().cpu().clone()}
+                 "best_images": syn.images.detach().cpu().clone(), "best_lr": syn.syn_lr.detach().cpu().clone(),
+                 "best_labels": syn.labels.detach().cpu().clone()}
         if cfg.resume:
             state = restore(run_id, tmp, syn, generator, state)
         unroll = Unroll(cfg.syn_steps, cfg.batch_syn)
@@ -97,14 +109,15 @@ def run(asked: DistillConfig) -> str:
 
         def evaluate_now(iteration: int) -> None:
             t0 = time.perf_counter()
-            accs = evaluate_set(data.Split(syn.images.detach(), syn.labels), cfg.eval_model, meta, val,
+            accs = evaluate_set(data.Split(syn.images.detach(), soft_labels.targets(syn.labels.detach())),
+                                cfg.eval_model, meta, val,
                                 syn.syn_lr.item(), cfg.eval_epochs, cfg.num_eval, seed=cfg.seed + iteration,
                                 precision=cfg.precision)
             mean, std = mean_std(accs)
             mlflow.log_metrics({"val_acc": mean, "val_acc_std": std}, step=iteration)
             if mean > state["best_val"]:
-                state.update(best_val=mean, best_iteration=iteration,
-                             best_images=syn.images.detach().cpu().clone(), best_lr=syn.syn_lr.detach().cpu().clone())
+                state.update(best_val=mean, best_iteration=iteration, best_images=syn.images.detach().cpu().clone(),
+                             best_lr=syn.syn_lr.detach().cpu().clone(), best_labels=syn.labels.detach().cpu().clone())
             log.info("iteration %d: validation accuracy %.4f +- %.4f (best %.4f at %d)", iteration, mean, std,
                      state["best_val"], state["best_iteration"])
             timing["eval"] += time.perf_counter() - t0
@@ -116,13 +129,14 @@ def run(asked: DistillConfig) -> str:
             if it % cfg.eval_every == 0:
                 evaluate_now(it)
             t0 = time.perf_counter()
-            start, target = buffer.segment(generator, cfg.max_start_epoch, cfg.expert_epochs)
+            top = start_epoch_bound(cfg, it)
+            start, target = buffer.segment(generator, top, cfg.expert_epochs, cfg.min_start_epoch)
             loss, applied = mtt_iteration(syn, student, start.to(device), target.to(device), unroll, augment,
                                           generator, cfg.matching)
             timing["iteration"] += time.perf_counter() - t0
             timing["iterations"] += 1
             state["skipped"] += int(not applied)
-            metrics = {"syn_lr": syn.syn_lr.item(), "skipped_updates": state["skipped"]}
+            metrics = {"syn_lr": syn.syn_lr.item(), "skipped_updates": state["skipped"], "max_start_epoch_now": top}
             if applied:
                 metrics["matching_loss"] = loss
             else:
@@ -139,8 +153,18 @@ def run(asked: DistillConfig) -> str:
         if state["best_iteration"] != cfg.iterations:
             evaluate_now(cfg.iterations)
         mlflow.log_metrics({"best_val_acc": state["best_val"], "best_iteration": state["best_iteration"]})
-        finish(cfg, real, buffer.space, state, syn.labels.cpu(), tmp, device)
+        finish(cfg, real, buffer.space, state, init.labels.cpu(), tmp, device, labeller)
         return run_id
+
+
+def start_epoch_bound(cfg: DistillConfig, iteration: int) -> int:
+    """The start epochs' upper bound at ``iteration``: ``max_start_epoch``, or with a difficulty-aligned window
+    (DATM), ``window_start`` growing linearly to ``max_start_epoch`` over ``window_iterations``."""
+    if cfg.window_start is None:
+        return cfg.max_start_epoch
+    span = cfg.window_iterations or cfg.iterations
+    grown = cfg.window_start + int((cfg.max_start_epoch - cfg.window_start) * iteration / max(span, 1))
+    return min(grown, cfg.max_start_epoch)
 
 
 def remaining_seconds(timing: dict, done: int, cfg: DistillConfig) -> float:
@@ -170,30 +194,49 @@ def restore(run_id: str, tmp: str, syn: SyntheticSet, generator: torch.Generator
     return saved["state"]
 
 
-def finish(cfg: DistillConfig, real: data.RealData, space: InputSpace, state: dict, labels: torch.Tensor,
-           tmp: str, device: torch.device) -> None:
-    """Test the best set against a random real subset under one protocol; log the set and its grid."""
+def finish(cfg: DistillConfig, real: data.RealData, space: InputSpace, state: dict, classes: torch.Tensor,
+           tmp: str, device: torch.device, labeller) -> None:
+    """Test the best set against a random real subset under one protocol; log the set and its grid. A set with
+    soft labels is also compared with random real images labelled by the same expert (the fair baseline for
+    soft labels: the gain of the images themselves, IOR)."""
     meta = real.info
-    best = data.Split(state["best_images"].to(device), labels.to(device))
+    soft = cfg.labels != "hard"
+    best_labels = state.get("best_labels", classes)
+    best = data.Split(state["best_images"].to(device), soft_labels.targets(best_labels).to(device))
     lr = float(state["best_lr"])
     test = real.test.to(device)
-    syn_accs = evaluate_set(best, cfg.eval_model, meta, test, lr, cfg.eval_epochs, cfg.num_eval,
-                            seed=cfg.seed + 10**6, progress="test synthetic", precision=cfg.precision)
+    protocol = dict(meta=meta, measure_on=test, epochs=cfg.eval_epochs, num_nets=cfg.num_eval, seed=cfg.seed + 10**6,
+                    precision=cfg.precision)
+    syn_accs = evaluate_set(best, cfg.eval_model, lr=lr, progress="test synthetic", **protocol)
+
     def subset(k: int) -> data.Split:  # a different random real subset for each baseline network
         return real.random_subset(cfg.ipc, torch.Generator().manual_seed(cfg.seed * 1000 + k + 1)).to(device)
 
-    real_accs = evaluate_set(subset, cfg.eval_model, meta, test, cfg.lr_teacher, cfg.eval_epochs, cfg.num_eval,
-                             seed=cfg.seed + 10**6, progress="test random subset", precision=cfg.precision)
+    real_accs = evaluate_set(subset, cfg.eval_model, lr=cfg.lr_teacher, progress="test random subset", **protocol)
     (syn_mean, syn_std), (real_mean, real_std) = mean_std(syn_accs), mean_std(real_accs)
-    mlflow.log_metrics({"test_acc_mean": syn_mean, "test_acc_std": syn_std, "random_subset_test_acc_mean": real_mean,
-                        "random_subset_test_acc_std": real_std, "test_acc_gain": syn_mean - real_mean,
-                        "learned_lr": lr})
+    metrics = {"test_acc_mean": syn_mean, "test_acc_std": syn_std, "random_subset_test_acc_mean": real_mean,
+               "random_subset_test_acc_std": real_std, "test_acc_gain": syn_mean - real_mean, "learned_lr": lr}
+    if soft:
+        def soft_subset(k: int) -> data.Split:  # the same subsets, labelled by the expert that labelled the set
+            split = subset(k)
+            with torch.no_grad():
+                return data.Split(split.images, labeller(split.images).softmax(1), split.name, split.source)
+
+        soft_accs = evaluate_set(soft_subset, cfg.eval_model, lr=cfg.lr_teacher, progress="test random soft subset",
+                                 **protocol)
+        soft_mean, soft_std = mean_std(soft_accs)
+        metrics.update({"random_subset_soft_test_acc_mean": soft_mean, "random_subset_soft_test_acc_std": soft_std,
+                        "ior": syn_mean - soft_mean})
+        log.info("random real subset with the expert's soft labels: %.4f +- %.4f (IOR %.4f)", soft_mean, soft_std,
+                 syn_mean - soft_mean)
+    mlflow.log_metrics(metrics)
     log.info("synthetic set: test %.4f +- %.4f; random real subset: %.4f +- %.4f", syn_mean, syn_std,
              real_mean, real_std)
-    distilled = synthetic.DistilledSet(state["best_images"], labels, lr, cfg.ipc, cfg.eval_model, space)
+    distilled = synthetic.DistilledSet(state["best_images"], classes, lr, cfg.ipc, cfg.eval_model, space,
+                                       soft_labels=best_labels.float() if soft else None)
     out = Path(tmp) / synthetic.DIRECTORY
     out.mkdir()
     distilled.save(out)
-    report.image_grid(space.pixels(state["best_images"]), labels, meta, out / "grid.png", out / "grid.html",
+    report.image_grid(space.pixels(state["best_images"]), classes, meta, out / "grid.png", out / "grid.html",
                       title=f"{meta.name} synthetic set, ipc {cfg.ipc} (iteration {state['best_iteration']})")
     mlflow.log_artifacts(str(out), synthetic.DIRECTORY)
