@@ -117,7 +117,8 @@ def resolve(cfg: C, device_type: str, **context: object) -> Resolved[C]:
     fields = type(cfg).model_fields
     filled = {k: v for k, v in table.items() if k in fields and getattr(cfg, k) is None}
     facts = {k: v for k, v in table.items() if k not in fields}
-    return Resolved(budget, cfg.model_copy(update=filled), {**filled, **facts})
+    # validated again: checks across fields (e.g. a start-epoch window) see the values the budget filled in
+    return Resolved(budget, type(cfg).model_validate({**cfg.model_dump(), **filled}), {**filled, **facts})
 
 
 def log_resolved(resolved: Resolved) -> None:

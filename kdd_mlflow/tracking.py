@@ -38,7 +38,6 @@ ERROR_TAG = "kdd.error"
 CODE_TAG = "kdd.code_version"
 
 
-@functools.cache
 def retry_concurrent(write: Callable[..., Any], *args: Any, attempts: int = 4, **kwargs: Any) -> Any:
     """``write(*args, **kwargs)``, again when the store refused it as a duplicate key. MLflow's SQL store looks a
     row up and then inserts it (a tag, a latest metric, a dataset), so of two processes writing the same row of
@@ -54,6 +53,7 @@ def retry_concurrent(write: Callable[..., Any], *args: Any, attempts: int = 4, *
     return None
 
 
+@functools.cache
 def code_version() -> str:
     """A hash of the package's source files: runs are reused only when it matches (uncommitted edits count)."""
     digest = hashlib.sha256()

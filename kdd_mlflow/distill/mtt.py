@@ -34,6 +34,7 @@ from torch import nn
 from torch.func import functional_call
 
 from kdd_mlflow.augment import DSA, Draw
+from kdd_mlflow.distill.labels import targets
 
 
 class FlatModel:
@@ -106,7 +107,7 @@ class FlatModel:
 def soft_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross entropy against hard labels (int64 classes) or soft ones (float logits: softmax(y) as the
     target distribution, as in DATM's learned labels)."""
-    return F.cross_entropy(logits, y.softmax(1) if y.is_floating_point() else y)
+    return F.cross_entropy(logits, targets(y))
 
 
 ENGINES = ("eager", "compiled")
@@ -182,7 +183,7 @@ def student_endpoint(
 def adjoint_gradients(
     student: FlatModel, start: torch.Tensor, target: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
     syn_lr: torch.Tensor, steps: list[Step], augment: DSA | None, exact: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(matching loss, dL/dimages, dL/dsyn_lr, dL/dlabels or None) without keeping the unrolled graph;
     the label gradient for learned (float, requires_grad) labels.
 
@@ -203,7 +204,7 @@ def adjoint_gradients(
     grad_x = torch.zeros_like(x_leaf)
     grad_alpha = torch.zeros((), dtype=alpha.dtype, device=alpha.device)
     learned = labels.requires_grad
-    grad_y = torch.zeros_like(labels, requires_grad=False) if learned else None
+    grad_y = torch.zeros_like(labels.detach()) if learned else None
     for i in range(len(steps) - 1, -1, -1):  # backward: one step's graph at a time
         with torch.enable_grad():
             x = x_leaf.detach().requires_grad_(True)
@@ -222,9 +223,6 @@ def adjoint_gradients(
 def matching_loss(end: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """||end - target||^2 / ||start - target||^2."""
     return (end - target).pow(2).sum() / (start - target).pow(2).sum()
-
-
-LABELS = ("hard", "soft", "learned")
 
 
 class SyntheticSet:

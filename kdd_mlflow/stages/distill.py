@@ -13,6 +13,7 @@ import contextlib
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -43,7 +44,6 @@ def check_against_experts(cfg: DistillConfig, manifest: dict) -> None:
         raise ValueError(
             f"max_start_epoch + expert_epochs = {needed} exceeds the experts' {manifest['epochs']} epochs"
         )
-    type(cfg).model_validate(cfg.model_dump())  # the start-epoch window, now that the budget has filled it in
 
 
 def initial_images(real: data.RealData, ipc: int, init: str, generator: torch.Generator) -> data.Split:
@@ -86,12 +86,13 @@ def run(asked: DistillConfig) -> str:
         lineage.log_inputs(training=real.train, validation=real.val, test=real.test)
         student = FlatModel(models.create(manifest["model"], meta.channels, meta.num_classes, meta.image_size)
                             .to(device), compile=compiled)
-        expert = buffer.final_expert(0).to(device)  # DATM: the first expert, fully trained, labels the set
-        labeller = lambda x: student(expert, x.to(device))  # noqa: E731
+        labeller = None
         if cfg.labels == "hard":
             init = initial_images(real, cfg.ipc, cfg.init, generator)
             init_labels = init.labels
         else:
+            expert = buffer.final_expert(0).to(device)  # DATM: the first expert, fully trained, labels the set
+            labeller = lambda x: student(expert, x.to(device))  # noqa: E731
             init, init_labels, short = soft_labels.expert_labelled_subset(real, cfg.ipc, labeller, generator)
             mlflow.log_metric("init_misclassified", short)
         syn = SyntheticSet(init.images.to(device), init_labels.to(device), cfg.lr_teacher, cfg.lr_img, cfg.lr_lr,
@@ -195,12 +196,12 @@ def restore(run_id: str, tmp: str, syn: SyntheticSet, generator: torch.Generator
 
 
 def finish(cfg: DistillConfig, real: data.RealData, space: InputSpace, state: dict, classes: torch.Tensor,
-           tmp: str, device: torch.device, labeller) -> None:
+           tmp: str, device: torch.device, labeller: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
     """Test the best set against a random real subset under one protocol; log the set and its grid. A set with
     soft labels is also compared with random real images labelled by the same expert (the fair baseline for
     soft labels: the gain of the images themselves, IOR)."""
     meta = real.info
-    soft = cfg.labels != "hard"
+    soft = labeller is not None
     best_labels = state.get("best_labels", classes)
     best = data.Split(state["best_images"].to(device), soft_labels.targets(best_labels).to(device))
     lr = float(state["best_lr"])
