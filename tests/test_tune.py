@@ -128,8 +128,11 @@ def test_a_killed_workers_trial_is_failed_and_retried(tmp_path):
             study = optuna.load_study(study_name="shared", storage=tune.open_storage(storage, 1))
         except KeyError:
             continue
-        if any(t.state.name == "RUNNING" for t in study.get_trials()):
+        # inside the objective (it records its pid), so the trial's heartbeat thread has started: a trial
+        # killed before its first heartbeat is never stale, and the rescuer would leave it RUNNING
+        if any(t.state.name == "RUNNING" and "pid" in t.user_attrs for t in study.get_trials()):
             break
+    time.sleep(0.5)
     os.kill(stuck.pid, signal.SIGKILL)
     stuck.wait()
     time.sleep(3)  # past the grace period of two heartbeats
