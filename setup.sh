@@ -18,6 +18,10 @@ if [ $dev = 1 ]; then
     command -v chromedriver >/dev/null || apt_packages+=(chromium-driver)
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_packages+=(postgresql)
     command -v docker-compose >/dev/null || apt_packages+=(docker-compose)
+    # a one-node Slurm cluster for the backend tests (the tests start and stop it; nothing is enabled)
+    for tool in slurmctld slurmd munged; do
+        [ -x "/usr/sbin/$tool" ] || { apt_packages+=(slurmctld slurmd slurm-client munge); break; }
+    done
 fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ${#apt_packages[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${apt_packages[*]}"

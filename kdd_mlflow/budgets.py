@@ -135,16 +135,20 @@ def experts_defaults(cfg: ExpertsConfig, budget: str) -> dict:
     return dict(PAPER_EXPERTS, zca=cfg.dataset.startswith("cifar"))
 
 
-def distill_defaults(cfg: DistillConfig, budget: str, *, experts_model: str, experts_zca: bool) -> dict:
+def distill_defaults(cfg: DistillConfig, budget: str, *, experts_model: str, experts_zca: bool,
+                     experts_lr: float | None = None) -> dict:
+    # MTT starts the synthetic step size at the experts' learning rate (the published rows' 1e-2 is the paper
+    # experts' rate): a set distilled from experts trained at another rate starts from theirs
+    follow = {} if experts_lr is None else {"lr_teacher": experts_lr}
     if budget != "paper":
-        return dict(QUICK_DISTILL, eval_model=experts_model)
+        return dict(QUICK_DISTILL, eval_model=experts_model, **follow)
     row_ipc, row = paper_distill_row(cfg.dataset, cfg.ipc)
     row_zca = row.pop("zca")  # ZCA is the experts' choice: the set is distilled in their input space
     if row_zca != experts_zca:  # a user may want that; say so rather than refuse
         log.warning("the experts are %sZCA-whitened, but the published row for %s ipc %d is %s ZCA; distilling "
                     "as the experts are (experts --zca %s would follow the paper)", "" if experts_zca else "not ",
                     cfg.dataset, row_ipc, "with" if row_zca else "without", str(row_zca).lower())
-    return {**PAPER_RUN, **row, "eval_model": experts_model, "paper_row_ipc": row_ipc}
+    return {**PAPER_RUN, **row, "eval_model": experts_model, "paper_row_ipc": row_ipc, **follow}
 
 
 def by_source(tables: dict[str, dict], small: bool, learned_lr: float | None) -> dict:

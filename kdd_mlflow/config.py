@@ -49,6 +49,26 @@ class StageConfig(CommonConfig):
 
 
 Precision = Literal["fp32", "bf16"]
+Backend = Literal["local", "slurm", "kubernetes"]
+
+
+# Fields of a command that starts runs of its own entry point (experts --shards, tune --workers): options of
+# the command only, not MLproject parameters (a run started by ``mlflow run`` does not start its siblings).
+COMMAND_ONLY = {"command_only": True}
+
+
+def command_only(field_info: dict) -> bool:
+    return bool(field_info.json_schema_extra and field_info.json_schema_extra.get("command_only"))
+
+
+def backend_field(**extra) -> Backend:
+    return Field("local", description="where stage runs execute: local (processes here), slurm (a batch job each), "
+                                      "kubernetes (a Job each); see README, Scale out", **extra)
+
+
+def backend_config_field(**extra) -> str | None:
+    return Field(None, description="the backend's config, a JSON file (slurm: partition, time, gpus, ...; "
+                                   "kubernetes: kube-job-template-path, repository-uri, kube-context)", **extra)
 
 
 def precision_field() -> Precision:
@@ -128,6 +148,11 @@ class ExpertsConfig(TrainingConfig):
     zca: bool | None = Field(None, description="ZCA-whiten the data (paper: CIFAR as published; quick: no)")
     shard: str | None = Field(None, description="this process's experts: i/n (every n-th from i) or a:b (range)")
     run_id: str | None = Field(None, description="continue this experts run: train only its missing experts")
+    shards: int | None = Field(None, ge=1, le=10_000, json_schema_extra=COMMAND_ONLY,
+                               description="start this many shard runs (i/N) on --backend and wait; prints their "
+                                           "run ids, one buffer for distill")
+    backend: Backend = backend_field(json_schema_extra=COMMAND_ONLY)
+    backend_config: str | None = backend_config_field(json_schema_extra=COMMAND_ONLY)
 
     @field_validator("model")
     @classmethod
@@ -151,6 +176,14 @@ class ExpertsConfig(TrainingConfig):
         if not ok:
             raise ValueError(f"shard {v!r} must be i/n with 0 <= i < n, or a:b with 0 <= a < b")
         return v
+
+    @model_validator(mode="after")
+    def _fan_out(self) -> ExpertsConfig:
+        if self.shards is not None and (self.shard is not None or self.run_id is not None):
+            raise ValueError("--shards starts shard runs of its own; it does not combine with --shard or --run-id")
+        if self.shards is None and (self.backend != "local" or self.backend_config):
+            raise ValueError("--backend runs shards elsewhere: give --shards N too")
+        return self
 
 
 class DistillConfig(TrainingConfig):
@@ -345,6 +378,8 @@ class PipelineConfig(CommonConfig):
     overrides: str = Field("", description="stage or arm parameters, e.g. distill.iterations=500,teacher-full.epochs=5")
     env_manager: str = Field("auto", description="environment manager of the stage runs (auto: the parent's)")
     precision: Precision = precision_field()
+    backend: Backend = backend_field()
+    backend_config: str | None = backend_config_field()
 
     @field_validator("teacher_model", "student_model")
     @classmethod
@@ -378,8 +413,8 @@ class CombinedConfig(PipelineConfig):
     temperature: float = Field(2.0, gt=0, description="KD temperature T")
     alpha: float = Field(0.5, ge=0, le=1, description="KD weight of the distillation term (1 - alpha on hard labels)")
     force: str = Field("", description="re-run instead of reusing finished stages: all, or stage names (experts,...)")
-    jobs: int = Field(1, ge=1, le=64, description="stage runs at a time, each with the CPU cores divided among "
-                                                   "them (arms that do not need each other run side by side)")
+    jobs: int | None = Field(None, ge=1, le=1024, description="stage runs at a time (default: 1 on the local backend, "
+                             "where the CPU cores are divided among them; every ready stage on slurm or kubernetes)")
 
     @field_validator("seeds")
     @classmethod
@@ -468,6 +503,9 @@ class TuneConfig(PipelineConfig):
     alpha: str = Field("0.5", description="KD weight of the distillation term: V, A,B,C or LOW:HIGH")
     heartbeat: int = Field(60, ge=1, description="seconds between trial heartbeats (RDB storage); a trial silent for "
                                                  "2x this is failed, does not count, and another takes its place")
+    workers: int | None = Field(None, ge=1, le=1024, json_schema_extra=COMMAND_ONLY,
+                                description="start this many workers on --backend (each runs its trials' stages "
+                                            "where it runs) and wait for them; default: this process works")
 
     @field_validator("lr_teacher", "lr_lr", "ipc", "temperature", "alpha")
     @classmethod

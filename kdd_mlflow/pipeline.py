@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from kdd_mlflow import arms, budgets, data, metrics, report, schedule, tracking
+from kdd_mlflow import arms, backends, budgets, data, metrics, report, schedule, tracking
 from kdd_mlflow.artifacts import find, synthetic
 from kdd_mlflow.artifacts import model as model_artifact
+from kdd_mlflow.backends import Backend, StageFailed, StageRun, failure_reason, project_dir
 from kdd_mlflow.config import STAGE_CONFIGS, CombinedConfig, PipelineConfig
 from kdd_mlflow.runtime import first_line, pick_device
 
@@ -32,15 +31,6 @@ log = logging.getLogger(__name__)
 
 ARM_TAG = "kdd.arm"
 Watch = Callable[[str], None]
-
-
-def project_dir() -> Path:
-    """The directory holding the MLproject file the stages run from."""
-    for candidate in (os.environ.get("KDD_PROJECT_DIR"), Path(__file__).resolve().parents[1], Path.cwd()):
-        if candidate and (Path(candidate) / "MLproject").is_file():
-            return Path(candidate)
-    raise FileNotFoundError("the combined pipeline runs its stages from the project directory (MLproject); "
-                            "run it from a checkout or set KDD_PROJECT_DIR")
 
 
 def full_params(stage: str, params: dict[str, object]) -> dict[str, str]:
@@ -80,6 +70,7 @@ class Runner:
     reused: list[str] = field(default_factory=list)
     started: list[str] = field(default_factory=list)
     poll_s: float = 2.0
+    backend: Backend = field(default_factory=Backend)  # where started stages run
     launched: dict[tuple, StageRun] = field(default_factory=dict)  # the runs this runner started
 
     def merged(self, stage: str, params: dict[str, object], arm: str | None = None) -> dict[str, object]:
@@ -111,10 +102,7 @@ class Runner:
         saved = {k: os.environ.get(k) for k in env or {}}
         os.environ.update(env or {})
         try:
-            submitted = mlflow.projects.run(
-                str(project_dir()), entry_point=stage, parameters=full, experiment_id=self.experiment_id,
-                env_manager=self.env_manager, run_name=name, synchronous=False,
-            )
+            submitted = self.backend.submit(stage, full, self.experiment_id, name, self.env_manager)
         except mlflow.projects.ExecutionException as exc:
             raise StageFailed(f"stage {name} could not start: {first_line(exc)}") from None
         finally:
@@ -146,38 +134,6 @@ class Runner:
         except StageFailed as exc:
             raise StageFailed(f"stage {name} failed: {exc}") from None
         return got.run_id
-
-
-class StageFailed(RuntimeError):
-    """A stage's run ended FAILED (its reason is in the message)."""
-
-
-class StageRun:
-    """A stage started asynchronously (``schedule.Handle``). Its run's status in the tracking store is
-    settled when its process ends or is cancelled, for a stage that ended before it could record it (killed
-    during start-up, say), as ``mlflow.projects`` does for synchronous runs."""
-
-    def __init__(self, submitted):
-        self.submitted = submitted
-
-    @property
-    def run_id(self) -> str:
-        return self.submitted.run_id
-
-    def get_status(self) -> str:
-        status = self.submitted.get_status()
-        if status not in ("RUNNING", "SCHEDULED"):
-            self.settle(status)
-        return status
-
-    def cancel(self) -> None:
-        self.submitted.cancel()
-        self.settle("KILLED")
-
-    def settle(self, status: str) -> None:
-        client = MlflowClient()
-        if client.get_run(self.run_id).info.status == "RUNNING":
-            client.set_terminated(self.run_id, status)
 
 
 class Follower:
@@ -214,28 +170,22 @@ def wait_watching(run: StageRun, watch: Watch, poll_s: float) -> None:
         raise StageFailed(failure_reason(run.run_id))
 
 
-def failure_reason(run_id: str) -> str:
-    """Why a stage run failed: the reason it recorded, else its status."""
-    run = MlflowClient().get_run(run_id)
-    if tracking.ERROR_TAG in run.data.tags:
-        return f"run {run_id}: {run.data.tags[tracking.ERROR_TAG]}"
-    return f"run {run_id} ended {run.info.status} without recording a reason (see its stage's output above)"
+def prepare(cfg: PipelineConfig) -> tuple[torch.device, budgets.Resolved, Backend]:
+    """What a command that runs stages checks before any run; returns the device, ``cfg`` resolved against
+    its budget (which fills in the teacher and student architectures) and the backend the stages run on.
 
-
-def prepare(cfg: PipelineConfig) -> tuple[torch.device, budgets.Resolved]:
-    """What a command that runs stages checks before any run; returns the device and ``cfg`` resolved
-    against its budget (which fills in the teacher and student architectures).
-
-    The data must be there (fail at once otherwise) and the MLproject file found; with the local
-    environment manager, stages run ``python -m ...``, which must be this interpreter.
+    The data must be there (fail at once otherwise), the MLproject file found and the backend usable (its
+    config valid, its commands there); with the local environment manager, stages run ``python -m ...``,
+    which must be this interpreter.
     """
     device = pick_device(cfg.device)
     resolved = budgets.resolve(cfg, device.type)
     data.resolve(cfg.dataset, cfg.data_dir)
     project_dir()
+    backend = backends.load(cfg.backend, cfg.backend_config)
     if cfg.env_manager in ("auto", "local"):
-        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return device, resolved
+        backends.use_this_interpreter()
+    return device, resolved, backend
 
 
 def resolve_env_manager(requested: str) -> str:
@@ -278,24 +228,26 @@ def run_arms(runner: Runner, names: list[str], context: arms.Context, common: di
 
 def run(cfg: CombinedConfig) -> str:
     """Run the whole comparison; return the parent run id."""
-    device, resolved = prepare(cfg)
+    device, resolved, backend = prepare(cfg)
     with tracking.stage_run("combined", cfg, run_name=f"combined-{cfg.dataset}-ipc{cfg.ipc}") as parent:
         budgets.log_resolved(resolved)
         runner = Runner(parent.info.experiment_id, resolve_env_manager(cfg.env_manager),
-                        {f for f in cfg.force.split(",") if f}, cfg.override_map)
-        mlflow.set_tag("kdd.env_manager", runner.env_manager)
+                        {f for f in cfg.force.split(",") if f}, cfg.override_map, backend=backend)
+        mlflow.set_tags({"kdd.env_manager": runner.env_manager, "kdd.backend": backend.name})
         common = stage_common(cfg, resolved.budget)
         selected = selected_with_needs(cfg.arm_list)
         started = time.perf_counter()
 
-        threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if cfg.jobs > 1 else None
+        # on this machine, concurrent stages share its cores; a cluster gives each job its own
+        jobs = cfg.jobs or (1 if backend.local else schedule.UNBOUNDED)
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if backend.local and jobs > 1 else None
         tasks = plan(cfg, runner, resolved, device, common, selected, env)
-        log.info("%d stage runs to run or reuse, up to %d at a time%s", len(tasks), cfg.jobs,
-                 f" with {threads} thread(s) each" if env else "")
+        log.info("%d stage runs to run or reuse on the %s backend, up to %d at a time%s", len(tasks),
+                 backend.describe(), min(jobs, len(tasks)), f" with {threads} thread(s) each" if env else "")
         mlflow.set_tag("kdd.threads_per_stage", str(threads) if env else "default")
         try:
-            done = schedule.run(tasks, cfg.jobs, poll_s=runner.poll_s)
+            done = schedule.run(tasks, jobs, poll_s=runner.poll_s)
         except schedule.TaskFailed as exc:
             raise StageFailed(f"stage {exc.key} failed: {failure_reason(exc.run_id)}") from None
         runs = {name: {seed: done[f"{name}/seed{seed}"] for seed in cfg.seed_list} for name in selected}

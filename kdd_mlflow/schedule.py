@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+UNBOUNDED = 10**6  # jobs: start every ready task (a cluster queues them)
+
 
 class Handle(Protocol):
     """A started run (``mlflow.projects.SubmittedRun`` is one)."""

@@ -133,7 +133,9 @@ def require_run(run_id: str, what: str = "run", stages: tuple[str, ...] = ()) ->
 
 # Fields that say which run to continue, not how to compute: never params (they differ between the first
 # call and a resumed one by design).
-CONTROL_FIELDS = {"run_id", "resume"}
+# Fields that say how or where a run executes, not what it computes: left out of its params (and of the
+# parameters compared when a pipeline looks for a finished run to reuse).
+CONTROL_FIELDS = {"run_id", "resume", "shards", "workers", "backend", "backend_config"}
 
 
 def flat_params(config: BaseModel) -> dict[str, str]:

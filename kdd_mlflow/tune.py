@@ -33,7 +33,7 @@ import mlflow
 import optuna
 from mlflow.tracking import MlflowClient
 
-from kdd_mlflow import arms, budgets, pipeline, report, tracking
+from kdd_mlflow import arms, backends, budgets, pipeline, report, tracking
 from kdd_mlflow.config import TuneConfig
 from kdd_mlflow.runtime import first_line
 from kdd_mlflow.search_space import TUNABLE, Dimension
@@ -218,9 +218,10 @@ class Objective:
     """One trial: the tuned arm's stages as children of the trial's MLflow run."""
 
     def __init__(self, resolved: budgets.Resolved[TuneConfig], study_run: str, worker_run: str, experiment_id: str,
-                 env_manager: str, experts: dict[int, str]):
+                 env_manager: str, experts: dict[int, str], backend: backends.Backend):
         self.cfg, self.budget, self.study_run, self.worker_run = resolved.cfg, resolved.budget, study_run, worker_run
         self.experiment_id, self.env_manager, self.experts = experiment_id, env_manager, experts  # ipc -> run
+        self.backend = backend
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         values = {d.name: suggest(trial, d) for d in self.cfg.space}
@@ -254,7 +255,7 @@ class Objective:
 
     def evaluate(self, trial: optuna.Trial, values: dict[str, float | int], name: str) -> tuple[float, float]:
         cfg = self.cfg
-        runner = pipeline.Runner(self.experiment_id, self.env_manager, set(), cfg.override_map)
+        runner = pipeline.Runner(self.experiment_id, self.env_manager, set(), cfg.override_map, backend=self.backend)
         watch = Reporter(trial, enabled=not cfg.multi_objective)
         common = {**pipeline.stage_common(cfg, self.budget), "seed": cfg.seed}
         searched = by_stage(values)
@@ -379,11 +380,17 @@ def join_study(cfg: TuneConfig, storage, study_name: str, my_run: str) -> tuple[
 
 
 def run(cfg: TuneConfig) -> str:
-    """Run (or join) the study; return this worker's MLflow run id."""
-    _, resolved = pipeline.prepare(cfg)  # before any study or run
+    """Run (or join) the study; return this worker's MLflow run id (with ``workers``: start that many
+    workers on the backend, wait for them, and return the study run's id)."""
+    if cfg.workers and tracking.redact(cfg.storage) != cfg.storage:  # on every worker's command line and job script
+        raise ValueError(f"--workers passes --storage to each worker: give the database password through PGPASSWORD "
+                         f"or ~/.pgpass, not in {tracking.redact(cfg.storage)}")
+    _, resolved, backend = pipeline.prepare(cfg)  # before any study or run
     budget = resolved.budget
     study_name = cfg.study_name or f"kdd-{cfg.dataset}-{budget}"
     storage = open_storage(cfg.storage, cfg.heartbeat)
+    if cfg.workers:
+        return start_workers(cfg, backend, study_name, storage)
     with tracking.stage_run("tune", cfg, run_name=f"tune-{study_name}", experiment=study_name) as mine:
         my_run = mine.info.run_id
         with storage_lock(cfg.storage, study_name):
@@ -400,7 +407,7 @@ def run(cfg: TuneConfig) -> str:
         # Trials share experts runs, one per distinct set of experts parameters (usually one for the whole
         # study); workers starting together wait for the first to train them.
         with storage_lock(cfg.storage, f"{study_name}.experts", timeout=-1):
-            runner = pipeline.Runner(mine.info.experiment_id, env_manager, set(), cfg.override_map)
+            runner = pipeline.Runner(mine.info.experiment_id, env_manager, set(), cfg.override_map, backend=backend)
             runs: dict[tuple, str] = {}
             experts = {}
             for ipc, params in experts_params(cfg, budget).items():
@@ -408,10 +415,31 @@ def run(cfg: TuneConfig) -> str:
                 if key not in runs:
                     runs[key] = runner("experts", params, "experts")
                 experts[ipc] = runs[key]
-        objective = Objective(resolved, study_run, my_run, mine.info.experiment_id, env_manager, experts)
+        objective = Objective(resolved, study_run, my_run, mine.info.experiment_id, env_manager, experts, backend)
         ran = work(study, objective, cfg.n_trials, cfg.timeout, lambda: storage_lock(cfg.storage, study_name),
                    catch=(Exception,))
         mlflow.log_metric("trials_run_here", ran)
         summarise(study, study_run, cfg.multi_objective)
         log.info("this worker ran %d trial(s); the study holds %d", ran, len(study.trials))
         return my_run
+
+
+def start_workers(cfg: TuneConfig, backend: backends.Backend, study_name: str, storage) -> str:
+    """``workers`` runs of the tune entry point on ``backend``, each a worker of the study that runs its trials'
+    stages where it runs (the local backend inside its job); wait for all and return the study run's id."""
+    if mlflow.active_run() or os.environ.get("MLFLOW_RUN_ID"):
+        raise ValueError("--workers starts worker runs of its own; run it with kdd tune, not inside an MLflow run")
+    if not backend.local and (cfg.storage.startswith("sqlite:") or is_journal(cfg.storage)):
+        log.warning("workers on %s share %s: every node must see that file (a PostgreSQL or MySQL storage is "
+                    "what many nodes share safely)", backend.name, tracking.redact(cfg.storage))
+    experiment_id = tracking.default_experiment(study_name) or mlflow.tracking.fluent._get_experiment_id()
+    params = {k: "" if v is None else str(v) for k, v in cfg.model_dump().items()
+              if k not in tracking.CONTROL_FIELDS}
+    params["study_name"] = study_name
+    log.info("starting %d tuning worker(s) of study %r on the %s backend", cfg.workers, study_name,
+             backend.describe())
+    ran = backends.run_all(backend, "tune", {f"tune-{study_name}-worker{i}": params for i in range(cfg.workers)},
+                           experiment_id, pipeline.resolve_env_manager(cfg.env_manager))
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    log.info("%d worker run(s) finished: %s", len(ran), ", ".join(ran.values()))
+    return study.user_attrs.get(STUDY_RUN_ATTR, next(iter(ran.values())))

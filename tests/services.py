@@ -11,6 +11,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -158,3 +159,106 @@ def mlflow_server(root: Path, pg: Postgres, admin_password: str, secret_key: str
         server.terminate()
         server.wait(timeout=60)
         log.close()
+
+
+@dataclass
+class Slurm:
+    """A running one-node cluster: its clients need ``SLURM_CONF``."""
+    conf: Path
+    root: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"SLURM_CONF": str(self.conf)}
+
+    def jobs(self) -> dict[str, str]:
+        """Every job the controller remembers (finished ones included): id -> state."""
+        done = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i %T"], capture_output=True, text=True,
+                              env={**os.environ, **self.env}, check=True)
+        return dict(line.split() for line in done.stdout.splitlines() if line.strip())
+
+
+@contextlib.contextmanager
+def slurm() -> Iterator[Slurm]:
+    """A throw-away Slurm cluster of this machine alone, from Debian's packages: munged with its own key and
+    socket, slurmctld and slurmd on 127.0.0.1 with their own ports, state and logs (nothing in /etc touched).
+    Jobs are remembered for an hour (``squeue --states=all``) and logged to a job-completion file. As root:
+    slurmd starts every job as its user."""
+    tools = {name: shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+             for name in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing:
+        raise RuntimeError(f"Slurm is missing ({', '.join(missing)}): apt-get install slurmctld slurmd slurm-client "
+                           "munge (bash setup.sh --dev does it as root)")
+    if os.geteuid() != 0:
+        raise RuntimeError("the test Slurm cluster needs root (slurmd starts jobs as their users)")
+    root = Path(tempfile.mkdtemp(prefix="kdd-slurm-"))
+    root.chmod(0o755)
+    munge = root / "munge"
+    munge.mkdir()
+    (root / "state").mkdir()
+    (root / "spool").mkdir()
+    key = munge / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    for path in (munge, key):
+        shutil.chown(path, "munge", "munge")
+    socket_path = munge / "munge.sock"
+    host = socket.gethostname().split(".")[0]
+    ctld_port, slurmd_port = free_port(), free_port()
+    conf = root / "slurm.conf"
+    conf.write_text("\n".join([
+        "ClusterName=kddtest", f"SlurmctldHost={host}(127.0.0.1)", f"SlurmctldPort={ctld_port}",
+        f"SlurmdPort={slurmd_port}", "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={socket_path}",
+        "SlurmUser=root", "SlurmdUser=root", f"StateSaveLocation={root / 'state'}", f"SlurmdSpoolDir={root / 'spool'}",
+        f"SlurmctldPidFile={root / 'slurmctld.pid'}", f"SlurmdPidFile={root / 'slurmd.pid'}",
+        f"SlurmctldLogFile={root / 'slurmctld.log'}", f"SlurmdLogFile={root / 'slurmd.log'}",
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+        "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/filetxt",
+        f"JobCompLoc={root / 'jobcomp.log'}", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
+        "MinJobAge=3600", "ReturnToService=2", "MpiDefault=none", "KillWait=10",
+        f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} State=UNKNOWN",
+        f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4", ""]))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+
+    def start(*command: str) -> None:
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(command[0]).name} failed: {(done.stderr or done.stdout).strip()[-2000:]}")
+
+    try:
+        start("runuser", "-u", "munge", "--", tools["munged"], f"--socket={socket_path}", f"--key-file={key}",
+              f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
+              f"--seed-file={munge / 'munged.seed'}")
+        start(tools["slurmctld"], "-f", str(conf))
+        start(tools["slurmd"], "-f", str(conf))
+        deadline = time.monotonic() + 60
+        while True:
+            state = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env).stdout.strip()
+            if state in ("idle", "mixed", "allocated"):
+                break
+            if time.monotonic() > deadline:
+                said = (root / "slurmd.log").read_text()[-2000:] if (root / "slurmd.log").exists() else ""
+                raise RuntimeError(f"the Slurm node did not come up (state {state!r}): {said}")
+            time.sleep(0.5)
+        yield Slurm(conf, root)
+    finally:
+        subprocess.run(["scancel", "--user", "root"], capture_output=True, env=env)
+        subprocess.run(["scontrol", "shutdown"], capture_output=True, env=env)
+        for pid_file in (root / "slurmctld.pid", root / "slurmd.pid", munge / "munged.pid"):
+            stop(pid_file)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def stop(pid_file: Path, seconds: float = 10) -> None:
+    """SIGTERM the daemon whose pid the file holds, and wait until it is gone."""
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.1)

@@ -82,3 +82,15 @@ def test_distilling_paper_rows_from_experts_whitened_otherwise_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="kdd_mlflow.budgets"):
         budgets.resolve(cfg, "cpu", experts_model="convnet", experts_zca=False)
     assert not caplog.records
+
+
+@pytest.mark.parametrize("budget", ["quick", "paper"])
+def test_synthetic_step_size_starts_at_the_experts_learning_rate(budget):
+    cfg = DistillConfig(experts_run="e", budget=budget, dataset="cifar10", ipc=10)
+    follows = budgets.resolve(cfg, "cpu", experts_model="convnet", experts_zca=True, experts_lr=0.1)
+    assert follows.cfg.lr_teacher == 0.1 and follows.filled["lr_teacher"] == 0.1
+    unknown = budgets.resolve(cfg, "cpu", experts_model="convnet", experts_zca=True)
+    assert unknown.cfg.lr_teacher == 0.01  # the budget's value (the paper experts' rate)
+    given = budgets.resolve(cfg.model_copy(update={"lr_teacher": 0.05}), "cpu", experts_model="convnet",
+                            experts_zca=True, experts_lr=0.1)
+    assert given.cfg.lr_teacher == 0.05

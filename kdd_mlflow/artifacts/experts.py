@@ -31,7 +31,7 @@ TRAJECTORY_DIR = "trajectories"
 MANIFEST = "manifest.json"
 SPACE_FILE = "space/input_space.safetensors"
 # Keys that must agree between the runs of one buffer.
-BUFFER_KEYS = ("dataset", "model", "epochs", "zca", "num_params", "train_limit", "val_size")
+BUFFER_KEYS = ("dataset", "model", "epochs", "lr_teacher", "zca", "num_params", "train_limit", "val_size")
 
 
 def expert_file(index: int) -> str:
@@ -166,9 +166,9 @@ def merge_manifests(manifests: dict[str, dict]) -> dict:
     merged = {**merged, "experts": list(merged["experts"])}
     for run_id, m in list(manifests.items())[1:]:
         for key in BUFFER_KEYS:
-            if m[key] != merged[key]:
+            if m.get(key) != merged.get(key):
                 raise tracking.ArtifactError(
-                    f"experts run {run_id} has {key}={m[key]!r}, but {first_id} has {merged[key]!r}"
+                    f"experts run {run_id} has {key}={m.get(key)!r}, but {first_id} has {merged.get(key)!r}"
                 )
         merged["experts"] += m["experts"]
     if not merged["experts"]:

@@ -66,7 +66,7 @@ def run(asked: DistillConfig) -> str:
         buffer = ExpertsBuffer(asked.experts_runs, Path(tmp))
         manifest = buffer.manifest
         resolved = budgets.resolve(asked, device.type, experts_model=manifest["model"],
-                                   experts_zca=buffer.space.zca is not None)
+                                   experts_zca=buffer.space.zca is not None, experts_lr=manifest.get("lr_teacher"))
         cfg = resolved.cfg
         check_against_experts(cfg, manifest)
         compiled = use_compiler(cfg.engine, device.type)
