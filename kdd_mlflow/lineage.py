@@ -83,7 +83,8 @@ def log_inputs(**splits: Split) -> None:
         # MLflow keeps only the schema and profile (shapes, dtypes, sizes) of the arrays, never their values:
         # zero-strided stand-ins of the right shape give both without copying a set held on the GPU.
         features = np.broadcast_to(np.zeros((), np.float32), tuple(split.images.shape))
-        targets = np.broadcast_to(np.zeros((), np.int64), tuple(split.labels.shape))
+        kind = np.float32 if split.labels.is_floating_point() else np.int64  # soft labels: class probabilities
+        targets = np.broadcast_to(np.zeros((), kind), tuple(split.labels.shape))
         dataset = mlflow.data.from_numpy(features, source=dataset_source(split.source), targets=targets,
                                          name=split.name, digest=digest(split))
         log_input(dataset, context)

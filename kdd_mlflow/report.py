@@ -88,8 +88,13 @@ def trained_on(run_id: str) -> dict[str, str]:
     client = MlflowClient()
     run = client.get_run(run_id)
     labels = "hard"
+    synthetic_run = run.data.params.get("synthetic_run")
+    if family(run) == "distilled set" and synthetic_run:  # the set's own labels: hard, or soft (distill --labels)
+        own = client.get_run(synthetic_run).data.params.get("labels", "hard")
+        labels = "hard" if own == "hard" else f"the set's {own} soft labels"
     if run.data.tags.get(STAGE_TAG) == "kd":
-        labels = f"soft, teacher on {family(client.get_run(run.data.params['teacher_run']))}"
+        teacher = f"teacher on {family(client.get_run(run.data.params['teacher_run']))}"
+        labels = f"soft, {teacher}" if labels == "hard" else f"soft, {teacher} + {labels}"
     return {"family": family(run), "labels": labels}
 
 

@@ -6,12 +6,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from kdd_mlflow import budgets, cli, data, tracking
+from kdd_mlflow import budgets, cli, data, report, tracking
 from kdd_mlflow.artifacts import experts as buffer
 from kdd_mlflow.artifacts import synthetic
-from kdd_mlflow.config import DistillConfig, ExpertsConfig
+from kdd_mlflow.config import DistillConfig, ExpertsConfig, TeacherConfig
 from kdd_mlflow.stages import distill as distill_stage
 from kdd_mlflow.stages import experts as experts_stage
+from kdd_mlflow.stages import train as train_stage
 
 
 def experts_config(fake_fashion: Path, **kw) -> ExpertsConfig:
@@ -216,6 +217,15 @@ def test_learned_soft_labels_and_the_window_in_one_run(fake_fashion):
     assert distilled.spec()["labels"] == "soft" and distilled.soft_labels.shape == (20, 10)
     assert distilled.labels.tolist() == [c for c in range(10) for _ in range(2)]  # the classes stay
     assert distilled.soft_labels.std() > 0
+    # what trains on the set fits its soft labels (as probabilities), and the report says so
+    split = distilled.split
+    assert split.labels.shape == (20, 10) and torch.allclose(split.labels.sum(1), torch.ones(20))
+    assert torch.equal(split.labels, distilled.soft_labels.softmax(1))
+    teacher = train_stage.run_teacher(TeacherConfig(dataset="fashion-mnist", data_dir=str(fake_fashion), val_size=100,
+                                                    budget="quick", synthetic_run=run_id, model="convnet-w8",
+                                                    epochs=2))
+    assert report.trained_on(teacher) == {"family": "distilled set", "labels": "the set's learned soft labels"}
+    assert mlflow.get_run(teacher).data.metrics["test_acc"] > 0
     # the window: the bound starts at window_start and reaches max_start_epoch at window_iterations
     history = mlflow.MlflowClient().get_metric_history(run_id, "max_start_epoch_now")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == [1, 1, 1, 2, 2, 2]

@@ -38,11 +38,17 @@ class DistilledSet:
     run_id: str | None = None  # the distill run it was loaded from
 
     @property
+    def targets(self) -> torch.Tensor:
+        """What a network trained on the set fits: its soft labels as class probabilities (the softmax of the
+        stored logits, as the distillation's inner loop used them), else its hard labels."""
+        return self.labels if self.soft_labels is None else self.soft_labels.float().softmax(1)
+
+    @property
     def split(self) -> data.Split:
-        """The set as training data (hard labels), named after its run."""
+        """The set as training data (its soft labels where it has them), named after its run."""
         if self.run_id is None:
-            return data.Split(self.images, self.labels, f"{self.space.dataset}-synthetic-ipc{self.ipc}")
-        return data.Split(self.images, self.labels, f"synthetic-{self.run_id}", f"runs:/{self.run_id}/{DIRECTORY}")
+            return data.Split(self.images, self.targets, f"{self.space.dataset}-synthetic-ipc{self.ipc}")
+        return data.Split(self.images, self.targets, f"synthetic-{self.run_id}", f"runs:/{self.run_id}/{DIRECTORY}")
 
     def spec(self) -> dict:
         meta = self.space.info
