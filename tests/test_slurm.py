@@ -35,6 +35,7 @@ def test_sbatch_script_carries_the_config_and_execs_the_stage(tmp_path):
         "#SBATCH --time=1-02:00:00", "#SBATCH --gpus=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32G",
         "#SBATCH --account=dd", "#SBATCH --constraint=a100"]
     assert "export MLFLOW_RUN_ID=abc123 MLFLOW_EXPERIMENT_ID=7" in lines
+    assert 'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"' in lines  # threads = its CPUs
     body = lines[lines.index("cd /proj"):]
     assert body == ["cd /proj", "module load cuda", "export PATH=/venv/bin:\"$PATH\"",
                     "exec python -m entrypoints.distill --ipc 10"]  # exec: scancel's SIGTERM reaches the stage

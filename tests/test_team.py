@@ -148,7 +148,9 @@ def children(parent_id: str) -> list:
 
 
 def test_combined_on_slurm_reports_what_the_local_backend_does(client_env, cluster, tmp_path):
-    env = {**client_env, **cluster.env}
+    # one thread per stage on both sides (a Slurm job gets as many as its CPUs, here 1), so that the two
+    # reports can agree to the last digit, and the two pipelines do not spin against each other
+    env = {**client_env, **cluster.env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     args = ["combined", "--dataset", "fashion-mnist", "--val-size", "100", "--budget", "quick", "--ipc", "2",
             "--teacher-model", "convnet-w16", "--student-model", "convnet-w8", "--overrides", TINY_PIPELINE,
             "--env-manager", "local", "--arms", "proposal"]

@@ -178,6 +178,10 @@ def render_script(cfg: SlurmConfig, entry_point: str, command: str, work_dir: Pa
              f"# MLflow run {run_id} (experiment {experiment_id}), entry point {entry_point}",
              "set -e",
              f"export MLFLOW_RUN_ID={run_id} MLFLOW_EXPERIMENT_ID={shlex.quote(str(experiment_id))}",
+             # as many compute threads as CPUs the job was given (PyTorch would otherwise start one per core of
+             # the node, and jobs sharing a node would spin against each other); an explicit setting wins
+             'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
+             'export MKL_NUM_THREADS="${MKL_NUM_THREADS:-$OMP_NUM_THREADS}"',
              f"cd {shlex.quote(str(work_dir))}",
              *cfg.setup, *environment,
              f"exec {command}", ""]
