@@ -260,6 +260,11 @@ def run(cfg: CombinedConfig) -> str:
         rows = compare(cfg, runs, device)
         mlflow.log_metric("pipeline_wall_s", time.perf_counter() - started)
         report.log_comparison(rows, cfg)
+        by_arm = {row["arm"]: row for row in rows}
+        if {"student-full", "student-synthetic"} <= by_arm.keys():
+            # DD-Ranking's hard-label recovery: what the set still lacks of the full data, one architecture, hard
+            # labels on both sides (0: the set teaches what the full data does)
+            mlflow.log_metric("hlr", by_arm["student-full"]["test_acc"] - by_arm["student-synthetic"]["test_acc"])
         return parent.info.run_id
 
 

@@ -47,6 +47,8 @@ def test_combined_runs_every_arm_then_reuses_them(fake_fashion):
         assert 0 <= parent.data.metrics[f"test_acc/{arm}"] <= 1
         assert f"agreement/{arm}" in parent.data.metrics and f"kl/{arm}" in parent.data.metrics
     assert parent.data.metrics["agreement/teacher-full"] == 1.0
+    assert parent.data.metrics["hlr"] == pytest.approx(parent.data.metrics["test_acc/student-full"]
+                                                       - parent.data.metrics["test_acc/student-synthetic"])
     table = mlflow.MlflowClient().load_table(parent.info.experiment_id, "report/comparison.json", [parent_id])
     assert list(table["arm"]) == list(ARMS)
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(parent_id, "report")}
