@@ -4,6 +4,7 @@ backend's script and config checks, and the Kubernetes backend's project and job
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -76,6 +77,30 @@ def test_bad_backend_input_fails_before_any_run(fake_fashion, tmp_path):
         assert result.exit_code != 0, args
         assert said in result.output and len(result.output.strip().splitlines()) == 1, (args, result.output)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_a_silent_controller_is_asked_again_and_a_forgotten_job_ends_its_run(monkeypatch):
+    """A controller that does not answer leaves the job's status as it was; a job it no longer knows (and no
+    accounting knows) ends a run still open FAILED, with the reason."""
+    answers = []
+    monkeypatch.setattr(slurm, "_slurm", lambda *command, **kw: answers.pop(0))
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: None)  # no sacct
+    run = mlflow.MlflowClient().create_run("0")
+    submitted = slurm.SlurmSubmittedRun(run.info.run_id, "42", Path("/nonexistent.out"), poll_s=0.01)
+
+    def said(code: int, out: str = "", err: str = ""):
+        return subprocess.CompletedProcess([], code, out, err)
+
+    answers += [said(0, "JobId=42 JobState=RUNNING Reason=None"),
+                said(1, err="slurm_load_jobs error: Unable to contact slurm controller (connect failure)")]
+    assert submitted.get_status() == "RUNNING" and submitted.get_status() == "RUNNING"
+    answers += [said(1, err="slurm_load_jobs error: Invalid job id specified")]
+    assert submitted.get_status() == "FAILED"
+    ended = mlflow.get_run(run.info.run_id)
+    assert ended.info.status == "FAILED" and "slurm job 42 is gone" in ended.data.tags["kdd.error"]
+    assert ended.data.tags[slurm.STATE_TAG] == "FAILED"
+    assert submitted.get_status() == "FAILED"  # settled: Slurm is not asked again
+    assert answers == []
 
 
 def test_kubernetes_project_is_the_docker_variant_of_the_mlproject():

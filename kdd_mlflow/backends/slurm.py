@@ -197,24 +197,37 @@ def submit(script: Path) -> str:
     return done.stdout.strip().split(";")[0]
 
 
+UNREACHABLE = "UNREACHABLE"  # the controller did not answer: the job's state is unknown for now, not changed
+
+
 def job_state(job_id: str) -> tuple[str, str]:
-    """(state, reason) of a job: from the controller, else from accounting once it has forgotten the job;
-    ("UNKNOWN", why) when neither knows it."""
-    done = _slurm("scontrol", "show", "job", "-o", job_id)
+    """(state, reason) of a job: from the controller, else from accounting once the controller has forgotten
+    the job; ("UNKNOWN", why) when neither knows it; (UNREACHABLE, why) when the controller does not answer
+    (restarting, overloaded), so the caller asks again later instead of taking the job for gone."""
+    try:
+        done = _slurm("scontrol", "show", "job", "-o", job_id)
+    except SlurmError as exc:
+        return UNREACHABLE, str(exc)
     if done.returncode == 0 and "JobState=" in done.stdout:
         fields = dict(f.split("=", 1) for f in done.stdout.split() if "=" in f)
         state = fields["JobState"]
         reason = fields.get("Reason", "None")
-        if state == "FAILED" or state in ENDED and state != "COMPLETED":
+        if state in ENDED and state != "COMPLETED":
             reason = f"{reason}, exit code {fields.get('ExitCode', '?')}"
         return state, reason
+    said = (done.stderr or done.stdout).strip()
+    if "invalid job id" not in said.lower():
+        return UNREACHABLE, said or f"scontrol exit code {done.returncode}"
     if shutil.which("sacct"):
-        acct = _slurm("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode,Reason")
+        try:
+            acct = _slurm("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode,Reason")
+        except SlurmError as exc:
+            return UNREACHABLE, str(exc)
         rows = [r.split("|") for r in acct.stdout.splitlines() if r.strip()] if acct.returncode == 0 else []
         if rows:
             state, code, reason = (rows[-1] + ["", ""])[:3]
             return state.split()[0], f"{reason or 'None'}, exit code {code}"
-    return "UNKNOWN", (done.stderr or done.stdout).strip() or "Slurm does not know the job"
+    return "UNKNOWN", said or "Slurm does not know the job"
 
 
 class SlurmSubmittedRun(SubmittedRun):
@@ -227,6 +240,7 @@ class SlurmSubmittedRun(SubmittedRun):
         self.output = output  # the job's stdout and stderr
         self.poll_s = poll_s
         self.ended: str | None = None  # the job's final state, once seen
+        self.last = RunStatus.to_string(RunStatus.SCHEDULED)  # what the job was when Slurm last answered
 
     @property
     def run_id(self) -> str:
@@ -237,10 +251,15 @@ class SlurmSubmittedRun(SubmittedRun):
             return self._status_after(self.ended)
         state, reason = job_state(self.job_id)
         base = state.split("+")[0]
+        if base == UNREACHABLE:
+            log.warning("slurm job %s: the controller did not answer (%s); asking again", self.job_id, reason)
+            return self.last
         if base in PENDING:
-            return RunStatus.to_string(RunStatus.SCHEDULED)
+            self.last = RunStatus.to_string(RunStatus.SCHEDULED)
+            return self.last
         if base in RUNNING:
-            return RunStatus.to_string(RunStatus.RUNNING)
+            self.last = RunStatus.to_string(RunStatus.RUNNING)
+            return self.last
         if base == "UNKNOWN":  # forgotten without accounting: the run's own record is all there is
             run_status = MlflowClient().get_run(self.run_id).info.status
             if run_status in ("RUNNING", "SCHEDULED"):
