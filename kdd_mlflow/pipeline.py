@@ -238,13 +238,15 @@ def run(cfg: CombinedConfig) -> str:
         selected = selected_with_needs(cfg.arm_list)
         started = time.perf_counter()
 
-        # on this machine, concurrent stages share its cores; a cluster gives each job its own
-        jobs = cfg.jobs or (1 if backend.local else schedule.UNBOUNDED)
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if backend.local and jobs > 1 else None
+        if backend.local:  # concurrent stages share this machine's cores
+            jobs = cfg.jobs or 1
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if jobs > 1 else None
+        else:  # a cluster gives each job its own CPUs and queues what it cannot run yet (None: every ready stage)
+            jobs, env = cfg.jobs, None
         tasks = plan(cfg, runner, resolved, device, common, selected, env)
-        log.info("%d stage runs to run or reuse on the %s backend, up to %d at a time%s", len(tasks),
-                 backend.describe(), min(jobs, len(tasks)), f" with {threads} thread(s) each" if env else "")
+        log.info("%d stage runs to run or reuse on the %s backend, %s at a time%s", len(tasks), backend.describe(),
+                 f"up to {jobs}" if jobs else "every ready one", f" with {threads} thread(s) each" if env else "")
         mlflow.set_tag("kdd.threads_per_stage", str(threads) if env else "default")
         try:
             done = schedule.run(tasks, jobs, poll_s=runner.poll_s)

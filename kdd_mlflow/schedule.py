@@ -13,8 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-UNBOUNDED = 10**6  # jobs: start every ready task (a cluster queues them)
-
 
 class Handle(Protocol):
     """A started run (``mlflow.projects.SubmittedRun`` is one)."""
@@ -62,9 +60,12 @@ def check(tasks: Sequence[Task]) -> None:
         left = [t for t in left if t.key not in placed]
 
 
-def run(tasks: Sequence[Task], jobs: int, poll_s: float = 2.0,
+def run(tasks: Sequence[Task], jobs: int | None, poll_s: float = 2.0,
         on_finished: Callable[[str, str], None] | None = None) -> dict[str, str]:
-    """Run every task; return the run id of each by key."""
+    """Run every task, at most ``jobs`` at a time (None: every ready one, as a cluster that queues them wants);
+    return the run id of each by key."""
+    if jobs is None:
+        jobs = max(len(tasks), 1)
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     check(tasks)

@@ -427,19 +427,14 @@ def run(cfg: TuneConfig) -> str:
 def start_workers(cfg: TuneConfig, backend: backends.Backend, study_name: str, storage) -> str:
     """``workers`` runs of the tune entry point on ``backend``, each a worker of the study that runs its trials'
     stages where it runs (the local backend inside its job); wait for all and return the study run's id."""
-    if mlflow.active_run() or os.environ.get("MLFLOW_RUN_ID"):
-        raise ValueError("--workers starts worker runs of its own; run it with kdd tune, not inside an MLflow run")
     if not backend.local and (cfg.storage.startswith("sqlite:") or is_journal(cfg.storage)):
         log.warning("workers on %s share %s: every node must see that file (a PostgreSQL or MySQL storage is "
                     "what many nodes share safely)", backend.name, tracking.redact(cfg.storage))
-    experiment_id = tracking.default_experiment(study_name) or mlflow.tracking.fluent._get_experiment_id()
-    params = {k: "" if v is None else str(v) for k, v in cfg.model_dump().items()
-              if k not in tracking.CONTROL_FIELDS}
-    params["study_name"] = study_name
     log.info("starting %d tuning worker(s) of study %r on the %s backend", cfg.workers, study_name,
              backend.describe())
-    ran = backends.run_all(backend, "tune", {f"tune-{study_name}-worker{i}": params for i in range(cfg.workers)},
-                           experiment_id, pipeline.resolve_env_manager(cfg.env_manager))
+    workers = {f"tune-{study_name}-worker{i}": {"study_name": study_name} for i in range(cfg.workers)}
+    ran = backends.start_copies(cfg, "tune", "--workers", backend, workers, study_name,
+                                pipeline.resolve_env_manager(cfg.env_manager))
     study = optuna.load_study(study_name=study_name, storage=storage)
     log.info("%d worker run(s) finished: %s", len(ran), ", ".join(ran.values()))
     return study.user_attrs.get(STUDY_RUN_ATTR, next(iter(ran.values())))

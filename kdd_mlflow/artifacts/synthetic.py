@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from kdd_mlflow import data, tracking
 from kdd_mlflow.artifacts.space import InputSpace
+from kdd_mlflow.distill.labels import targets
 
 DIRECTORY = "synthetic"
 TENSORS = f"{DIRECTORY}/synthetic.safetensors"
@@ -41,7 +42,7 @@ class DistilledSet:
     def targets(self) -> torch.Tensor:
         """What a network trained on the set fits: its soft labels as class probabilities (the softmax of the
         stored logits, as the distillation's inner loop used them), else its hard labels."""
-        return self.labels if self.soft_labels is None else self.soft_labels.float().softmax(1)
+        return self.labels if self.soft_labels is None else targets(self.soft_labels.float())
 
     @property
     def split(self) -> data.Split:

@@ -22,6 +22,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 from mlflow.utils.plugins import get_entry_points
+from pydantic import BaseModel
 
 from kdd_mlflow import schedule, tracking
 from kdd_mlflow.runtime import first_line
@@ -162,7 +163,7 @@ def failure_reason(run_id: str) -> str:
 def run_all(backend: Backend, entry_point: str, runs: dict[str, dict[str, str]], experiment_id: str,
             env_manager: str | None, jobs: int | None = None, poll_s: float = 2.0) -> dict[str, str]:
     """Start one run of ``entry_point`` per item of ``runs`` (run name -> parameters), at most ``jobs`` at a
-    time (all at once by default), and wait for all; their run ids by name. The first failure cancels the
+    time (None: all at once), and wait for all; their run ids by name. The first failure cancels the
     others and raises StageFailed with its reason; so does an interrupt (KeyboardInterrupt)."""
     def launch(name: str, params: dict[str, str], _done: dict[str, str]) -> StageRun:
         try:
@@ -172,6 +173,20 @@ def run_all(backend: Backend, entry_point: str, runs: dict[str, dict[str, str]],
 
     tasks = [schedule.Task(name, (), partial(launch, name, params)) for name, params in runs.items()]
     try:
-        return schedule.run(tasks, jobs or len(tasks), poll_s=poll_s)
+        return schedule.run(tasks, jobs, poll_s=poll_s)
     except schedule.TaskFailed as exc:
         raise StageFailed(f"{entry_point} run {exc.key} failed: {failure_reason(exc.run_id)}") from None
+
+
+def start_copies(cfg: BaseModel, entry_point: str, option: str, backend: Backend, runs: dict[str, dict[str, str]],
+                 experiment: str, env_manager: str | None) -> dict[str, str]:
+    """Runs of the command's own ``entry_point`` (``experts --shards``, ``tune --workers``): ``cfg``'s parameters
+    (its control fields left out), each item of ``runs`` (run name -> parameters) on top, started on ``backend``
+    and waited for (``run_all``) in experiment ``experiment`` unless the user chose one. ``option`` names the
+    command option in the refusal to start them from inside an MLflow run."""
+    if mlflow.active_run() or os.environ.get("MLFLOW_RUN_ID"):
+        raise ValueError(f"{option} starts runs of its own; run it with kdd {entry_point}, not inside an MLflow run")
+    params = {k: "" if v is None else str(v) for k, v in cfg.model_dump().items() if k not in tracking.CONTROL_FIELDS}
+    experiment_id = tracking.default_experiment(experiment) or mlflow.tracking.fluent._get_experiment_id()
+    return run_all(backend, entry_point, {name: {**params, **extra} for name, extra in runs.items()}, experiment_id,
+                   env_manager)

@@ -313,6 +313,7 @@ class SlurmBackend(AbstractBackend):
     """``mlflow run --backend slurm``: see the module's documentation."""
 
     def run(self, project_uri, entry_point, params, version, backend_config, tracking_uri, experiment_id):
+        backend_config = backend_config or {}
         cfg = parse_config(backend_config)
         check_available()
         work_dir = Path(fetch_and_validate_project(project_uri, version, entry_point, params)).resolve()
@@ -321,9 +322,9 @@ class SlurmBackend(AbstractBackend):
         run_id = run.info.run_id
         client = MlflowClient()
         try:
-            env_manager = (backend_config or {}).get(PROJECT_ENV_MANAGER)
+            env_manager = backend_config.get(PROJECT_ENV_MANAGER)
             command = " ".join(get_entry_point_command(project, entry_point, params,
-                                                       (backend_config or {}).get(PROJECT_STORAGE_DIR)))
+                                                       backend_config.get(PROJECT_STORAGE_DIR)))
             environment = environment_lines(project, env_manager, work_dir)
             logs = Path(cfg.log_dir).resolve()
             logs.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ trains only the experts it is missing: a crash loses at most the expert in progr
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import mlflow
@@ -78,18 +77,14 @@ def run(asked: ExpertsConfig) -> str:
 def start_shards(asked: ExpertsConfig) -> str:
     """``shards`` runs of this stage, shard i/N each, on the backend (N local processes at once, or N
     Slurm jobs); wait for all. Their ids, comma-separated, are one buffer for ``kdd distill --experts-run``."""
-    if os.environ.get("MLFLOW_RUN_ID"):
-        raise ValueError("--shards starts shard runs of its own; run it with kdd experts, not inside an MLflow run")
     budgets.resolve(asked, pick_device(asked.device).type)  # a config the shards will accept, before any job
     data.resolve(asked.dataset, asked.data_dir)
     backend = backends.load(asked.backend, asked.backend_config)
     n = asked.shards
-    params = {k: "" if v is None else str(v) for k, v in asked.model_dump().items() if k not in tracking.CONTROL_FIELDS}
-    runs = {f"experts-shard{i}of{n}": {**params, "shard": f"{i}/{n}"} for i in range(n)}
-    experiment = tracking.default_experiment(f"kdd-{asked.dataset}") or mlflow.tracking.fluent._get_experiment_id()
     log.info("starting %d experts shard run(s) on the %s backend", n, backend.describe())
     backends.use_this_interpreter()
-    done = backends.run_all(backend, "experts", runs, experiment, "local")
+    runs = {f"experts-shard{i}of{n}": {"shard": f"{i}/{n}"} for i in range(n)}
+    done = backends.start_copies(asked, "experts", "--shards", backend, runs, f"kdd-{asked.dataset}", "local")
     return ",".join(done[name] for name in runs)
 
 
