@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdd_mlflow.augment import DSA
+from kdd_mlflow.train import predict_logits
 
 _LOSSES: dict[str, Callable[..., KDLoss]] = {}
 
@@ -44,6 +45,8 @@ def create_loss(name: str, **kwargs) -> KDLoss:
 
 class KDLoss(nn.Module):
     """Base: ``forward(student_logits, teacher_logits, hard_ce)``; hard_ce is the batch's cross entropy."""
+
+    sees_inside = False  # whether the loss reads the models' inner features (then the teacher runs every batch)
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, **_: object):
         super().__init__()
@@ -107,6 +110,8 @@ class FeatureHintLoss(HintonLoss):
     """Hinton loss plus a FitNets hint: a learned 1x1-conv (or linear) adapter maps the student's
     feature map onto the teacher's (pooled to the teacher's spatial size), penalised by MSE."""
 
+    sees_inside = True
+
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, beta: float = 1.0,
                  student_layer: str = "features", teacher_layer: str = "features", **_: object):
         super().__init__(temperature, alpha)
@@ -155,26 +160,39 @@ class FeatureHintLoss(HintonLoss):
         return super().forward(student_logits, teacher_logits, hard_ce) + self.beta * self.hint()
 
 
-def kd_objective(teacher: nn.Module, loss: KDLoss, augment: str = "none", dsa: DSA | None = None):
+def kd_objective(teacher: nn.Module, loss: KDLoss, augment: str = "none", dsa: DSA | None = None,
+                 label_once: torch.Tensor | None = None):
     """The training objective for ``train.fit``: augment, let the teacher label the augmented input
     (eval mode, no gradients), then apply ``loss``. ``mixup`` mixes pairs with a uniform weight
-    (Beta(1, 1)); its hard-label term mixes the two labels' cross entropies the same way."""
+    (Beta(1, 1)); its hard-label term mixes the two labels' cross entropies the same way.
+
+    ``label_once``: the transfer images. Without augmentation the teacher sees the same images every epoch, so a
+    logit loss takes their logits from one pass over them, made now (under the caller's autocast), instead of a
+    teacher forward pass per batch per epoch; they stay available as ``objective.teacher_logits`` (e.g. for
+    fidelity on the transfer set). Otherwise ``teacher_logits`` is None.
+    """
     if augment not in ("none", "dsa", "mixup"):
         raise ValueError(f"unknown KD augmentation {augment!r}; choose none, dsa or mixup")
     dsa = dsa or DSA()
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    once = None
+    if label_once is not None and augment == "none" and not loss.sees_inside:
+        once = predict_logits(teacher, label_once).float()
 
-    def objective(student, x, y, generator):
+    def objective(student, x, y, generator, idx=None):
         if augment == "dsa":
             x = dsa(x, generator)
         if augment == "mixup":
             lam = float(torch.rand((), generator=generator))
             perm = torch.randperm(len(x), generator=generator).to(x.device)
             x = lam * x + (1 - lam) * x[perm]
-        with torch.no_grad():
-            teacher_logits = teacher(x).float()
+        if once is not None and idx is not None:
+            teacher_logits = once[idx]
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher(x).float()
         logits = student(x).float()  # losses in float32, also under bf16 autocast
         if augment == "mixup":
             hard = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
@@ -182,6 +200,7 @@ def kd_objective(teacher: nn.Module, loss: KDLoss, augment: str = "none", dsa: D
             hard = F.cross_entropy(logits, y)
         return loss(logits, teacher_logits, hard), logits
 
+    objective.teacher_logits = once
     return objective
 
 

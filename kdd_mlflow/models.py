@@ -12,7 +12,6 @@ import re
 from collections.abc import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 Builder = Callable[..., nn.Module]
@@ -102,6 +101,8 @@ def convnet(channels: int, num_classes: int, image_size: int, width: int = 128, 
 @register(r"resnet18", "resnet18")
 def resnet18(channels: int, num_classes: int, image_size: int) -> nn.Module:
     """ResNet-18 for small images: 3x3 stride-1 stem, no max-pool, any channel count."""
+    import torchvision  # here, not at the top: torchvision's import (with torch._dynamo) costs every stage a second
+
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()

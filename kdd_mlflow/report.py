@@ -8,7 +8,6 @@ from pathlib import Path
 
 import plotly.express as px
 import torch
-import torchvision
 
 from kdd_mlflow.data import DatasetInfo
 
@@ -21,6 +20,8 @@ def write_html(fig, path: str | Path) -> None:
 def image_grid(pixels: torch.Tensor, labels: torch.Tensor, meta: DatasetInfo, png: str | Path, html: str | Path,
                title: str) -> None:
     """One row per class: a PNG and an interactive plotly figure of images in [0, 1] pixel space."""
+    import torchvision  # here: its import (torch._dynamo with it) would cost every stage importing this a second
+
     order = torch.argsort(labels, stable=True)
     per_class = int(torch.bincount(labels).max())
     pixels = pixels[order].clamp(0, 1)

@@ -14,14 +14,15 @@ from kdd_mlflow.augment import DSA
 from kdd_mlflow.data import Split
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-# objective(model, images, labels, generator) -> (loss, logits); augmentation happens inside.
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+# objective(model, images, labels, generator, idx=None) -> (loss, logits); augmentation happens inside. ``idx``
+# are the batch's positions in the training set (fit passes them), for objectives that precomputed per-image values.
+Objective = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def supervised(augment: DSA | None = None) -> Objective:
     """Cross-entropy on (optionally DSA-augmented) images, against class labels or class probabilities."""
 
-    def objective(model, x, y, generator):
+    def objective(model, x, y, generator, idx=None):
         if augment is not None:
             x = augment(x, generator)
         logits = model(x).float()  # the loss in float32, also under bf16 autocast
@@ -98,7 +99,7 @@ def fit(
         for idx in batches(len(train), recipe.batch_size, generator, device):
             x, y = train.images[idx], train.labels[idx]
             with recipe.autocast(device):
-                loss, logits = objective(model, x, y, generator)
+                loss, logits = objective(model, x, y, generator, idx=idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -70,12 +70,40 @@ def test_metrics_against_hand_computed_examples():
     # confidences 0.9, 0.6, 0.7, 0.8 fall in bins (0.8,0.9], (0.5,0.6], (0.6,0.7], (0.7,0.8]: one each.
     # |acc - conf| per bin: |1-0.9|, |0-0.6|, |1-0.7|, |1-0.8| -> mean 0.3
     assert metrics.ece(logits, labels) == pytest.approx(0.3, abs=1e-6)
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    g = torch.Generator().manual_seed(0)
+    many = torch.randn(2000, 10, generator=g, dtype=torch.float64) * 3
+    truth = torch.randint(0, 10, (2000,), generator=g)
+    for bins in (10, 15):
+        want = multiclass_calibration_error(many.softmax(1), truth, num_classes=10, n_bins=bins, norm="l1").item()
+        assert metrics.ece(many, truth, bins) == pytest.approx(want, abs=1e-6)  # float32 sums
     other = torch.log(torch.tensor([[0.5, 0.5], [0.1, 0.9], [0.3, 0.7], [0.9, 0.1]]))
     assert metrics.agreement(logits, other) == 0.5  # argmax of [0.5,0.5] is 0: agrees on rows 0 and 2
     p, q = [0.9, 0.1], [0.5, 0.5]
     kl0 = sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
     assert metrics.predictive_kl(logits[:1], other[:1]) == pytest.approx(kl0)
     assert metrics.predictive_kl(logits, logits) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_unaugmented_transfer_is_labelled_by_the_teacher_once():
+    torch.manual_seed(0)
+    teacher, student = models.create("convnet-w16", 1, 10, 28), models.create("convnet-w8", 1, 10, 28)
+    images, labels = torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    loss = kd.create_loss("hinton", temperature=2.0)
+    once = kd.kd_objective(teacher, loss, label_once=images)
+    assert len(calls) == 1 and once.teacher_logits.shape == (40, 10)
+    every = kd.kd_objective(teacher, loss)
+    idx = torch.tensor([3, 17, 5, 0])
+    cached, _ = once(student, images[idx], labels[idx], torch.Generator(), idx=idx)
+    assert len(calls) == 1  # no teacher pass per batch
+    fresh, _ = every(student, images[idx], labels[idx], torch.Generator())
+    assert len(calls) == 2 and cached.item() == pytest.approx(fresh.item(), rel=1e-5)
+    # augmented inputs, and losses that read the teacher's features, need the teacher on every batch
+    assert kd.kd_objective(teacher, loss, augment="dsa", label_once=images).teacher_logits is None
+    assert kd.kd_objective(teacher, kd.create_loss("hint"), label_once=images).teacher_logits is None
 
 
 def test_feature_hints_attach_to_named_layers():

@@ -44,8 +44,8 @@ def test_bf16_precision_runs_forwards_in_bf16_and_keeps_weights_and_losses_float
     base = objective or supervised()
     loss_dtypes = set()
 
-    def spy(*args):
-        loss, logits = base(*args)
+    def spy(*args, **kwargs):
+        loss, logits = base(*args, **kwargs)
         loss_dtypes.add(loss.dtype)
         return loss, logits
 
@@ -84,6 +84,10 @@ def test_train_stage_logs_run_and_model_round_trips(fake_fashion):
     with torch.no_grad():
         ours.eval()
         assert torch.equal(ours(x), logged(x))
+    # the MLflow model's environment pins what loading it needs, at this environment's versions
+    requirements = mlflow.artifacts.load_text(f"runs:/{run_id}/model/requirements.txt").split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
+    assert f"mlflow=={mlflow.__version__}" in requirements
     assert abs(evaluate(ours, real.test)["acc"] - run.data.metrics["test_acc"]) < 1e-6
     with pytest.raises(tracking.ArtifactError, match="dataset='fashion-mnist', expected 'mnist'"):
         model_artifact.load(run_id, expect={"dataset": "mnist"})

@@ -19,17 +19,20 @@ def eval_recipe(lr: float, epochs: int, batch_size: int = 256, precision: str = 
 
 
 def evaluate_set(
-    train: Split | Callable[[int], Split], model_name: str, meta: DatasetInfo, measure_on: Split, lr: float,
-    epochs: int, num_nets: int, seed: int, augment: bool = True, progress: str | bool = False,
+    train: Split | Callable[[int], Split], model_name: str, meta: DatasetInfo, measure_on: Split | dict[str, Split],
+    lr: float, epochs: int, num_nets: int, seed: int, augment: bool = True, progress: str | bool = False,
     precision: str = "fp32",
-) -> list[float]:
-    """Accuracy on ``measure_on`` of ``num_nets`` fresh ``model_name`` networks trained on ``train``.
+) -> list[float] | dict[str, list[float]]:
+    """Accuracy on ``measure_on`` of ``num_nets`` fresh ``model_name`` networks trained on ``train``; with
+    several named splits to measure on (e.g. validation and test), each network is measured on all of them
+    and the accuracies come back by name.
 
     ``train`` is one set, or a function giving network k its own set (k different random subsets make a
     baseline whose spread includes the luck of the draw). Network k is seeded by (seed, k), so the same
     set always gets the same evaluation.
     """
-    accs = []
+    named = measure_on if isinstance(measure_on, dict) else {"": measure_on}
+    accs: dict[str, list[float]] = {name: [] for name in named}
     for k in range(num_nets):
         torch.manual_seed(seed * 7919 + k)
         generator = torch.Generator().manual_seed(seed * 7919 + k)
@@ -39,8 +42,9 @@ def evaluate_set(
         fit(model, train_k, eval_recipe(lr, epochs, precision=precision), generator,
             augment=DSA.for_dataset(meta.name) if augment else None,
             progress=f"{progress} net {k + 1}/{num_nets}" if progress else False)
-        accs.append(evaluate(model, measure_on)["acc"])
-    return accs
+        for name, split in named.items():
+            accs[name].append(evaluate(model, split)["acc"])
+    return accs if isinstance(measure_on, dict) else accs[""]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

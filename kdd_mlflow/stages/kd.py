@@ -81,11 +81,14 @@ def run(asked: KDConfig) -> str:
         tracking.log_params({"teacher_model": loaded.name})
         recipe = sgd_recipe(cfg)
         transfer_on_device = transfer.to(device)
+        with recipe.autocast(device):  # the teacher's logits as training would see them
+            objective = kd.kd_objective(teacher, loss, cfg.augment, DSA.for_dataset(cfg.dataset),
+                                        label_once=transfer_on_device.images)
         with loss.attach(student, teacher, example=transfer_on_device.images[:2]):
             train_and_log(student, cfg.student, transfer_on_device, real, recipe, generator, device, loaded.space,
-                          objective=kd.kd_objective(teacher, loss, cfg.augment, DSA.for_dataset(cfg.dataset)),
-                          extra_parameters=loss.extra_parameters())
-        fid = fidelity_metrics(teacher, student, transfer_on_device, real.test.to(device))
+                          objective=objective, extra_parameters=loss.extra_parameters())
+        fid = fidelity_metrics(teacher, student, transfer_on_device, real.test.to(device),
+                               objective.teacher_logits if recipe.precision == "fp32" else None)
         fid.update(metrics.compression(models.count_parameters(teacher), models.count_parameters(student),
                                        full_images, len(transfer)))
         fid["teacher_parameters"] = models.count_parameters(teacher)
@@ -95,10 +98,15 @@ def run(asked: KDConfig) -> str:
         return active.info.run_id
 
 
-def fidelity_metrics(teacher, student, transfer: data.Split, test: data.Split) -> dict[str, float]:
+def fidelity_metrics(teacher, student, transfer: data.Split, test: data.Split,
+                     transfer_teacher: torch.Tensor | None = None) -> dict[str, float]:
+    """Agreement and KL on the transfer and test images; ``transfer_teacher``: the teacher's float32 logits on the
+    transfer images when already at hand."""
     out = {}
     for name, split in (("transfer", transfer), ("test", test)):
-        t, s = predict_logits(teacher, split.images), predict_logits(student, split.images)
+        t = transfer_teacher if name == "transfer" and transfer_teacher is not None else predict_logits(teacher,
+                                                                                                        split.images)
+        s = predict_logits(student, split.images)
         out.update({f"{name}_{k}": v for k, v in metrics.fidelity(t, s).items()})
         if name == "test":
             out["teacher_test_acc"] = metrics.accuracy(t, split.labels.to(t.device))
