@@ -232,7 +232,8 @@ def run(cfg: CombinedConfig) -> str:
     with tracking.stage_run("combined", cfg, run_name=f"combined-{cfg.dataset}-ipc{cfg.ipc}") as parent:
         budgets.log_resolved(resolved)
         runner = Runner(parent.info.experiment_id, resolve_env_manager(cfg.env_manager),
-                        {f for f in cfg.force.split(",") if f}, cfg.override_map, backend=backend)
+                        {f for f in cfg.force.split(",") if f}, cfg.override_map, backend=backend,
+                        poll_s=backend.poll_s)
         mlflow.set_tags({"kdd.env_manager": runner.env_manager, "kdd.backend": backend.name})
         common = stage_common(cfg, resolved.budget)
         selected = selected_with_needs(cfg.arm_list)

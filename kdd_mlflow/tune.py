@@ -255,7 +255,8 @@ class Objective:
 
     def evaluate(self, trial: optuna.Trial, values: dict[str, float | int], name: str) -> tuple[float, float]:
         cfg = self.cfg
-        runner = pipeline.Runner(self.experiment_id, self.env_manager, set(), cfg.override_map, backend=self.backend)
+        runner = pipeline.Runner(self.experiment_id, self.env_manager, set(), cfg.override_map, backend=self.backend,
+                                 poll_s=self.backend.poll_s)
         watch = Reporter(trial, enabled=not cfg.multi_objective)
         common = {**pipeline.stage_common(cfg, self.budget), "seed": cfg.seed}
         searched = by_stage(values)
@@ -407,7 +408,8 @@ def run(cfg: TuneConfig) -> str:
         # Trials share experts runs, one per distinct set of experts parameters (usually one for the whole
         # study); workers starting together wait for the first to train them.
         with storage_lock(cfg.storage, f"{study_name}.experts", timeout=-1):
-            runner = pipeline.Runner(mine.info.experiment_id, env_manager, set(), cfg.override_map, backend=backend)
+            runner = pipeline.Runner(mine.info.experiment_id, env_manager, set(), cfg.override_map, backend=backend,
+                                     poll_s=backend.poll_s)
             runs: dict[tuple, str] = {}
             experts = {}
             for ipc, params in experts_params(cfg, budget).items():

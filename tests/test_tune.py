@@ -186,6 +186,12 @@ def test_a_watch_that_raises_cancels_the_stage_and_marks_it_killed(fake_fashion,
         time.sleep(0.2)
         run = mlflow.get_run(calls[0])
     assert run.info.status == "KILLED"
+    # the stage's process led its own group, and nothing of that group is left
+    (started,) = runner.launched.values()
+    process = started.submitted.command_proc
+    assert process.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)
 
 
 def test_bad_search_space_is_rejected_before_any_trial(tmp_path):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+from torch import nn
 
 from kdd_mlflow import models
 from kdd_mlflow.augment import DSA
@@ -18,21 +19,16 @@ def eval_recipe(lr: float, epochs: int, batch_size: int = 256, precision: str = 
                      precision=precision)
 
 
-def evaluate_set(
-    train: Split | Callable[[int], Split], model_name: str, meta: DatasetInfo, measure_on: Split | dict[str, Split],
-    lr: float, epochs: int, num_nets: int, seed: int, augment: bool = True, progress: str | bool = False,
-    precision: str = "fp32",
-) -> list[float] | dict[str, list[float]]:
-    """Accuracy on ``measure_on`` of ``num_nets`` fresh ``model_name`` networks trained on ``train``; with
-    several named splits to measure on (e.g. validation and test), each network is measured on all of them
-    and the accuracies come back by name.
+def train_nets(
+    train: Split | Callable[[int], Split], model_name: str, meta: DatasetInfo, lr: float, epochs: int, num_nets: int,
+    seed: int, augment: bool = True, progress: str | bool = False, precision: str = "fp32",
+) -> Iterator[nn.Module]:
+    """``num_nets`` fresh ``model_name`` networks trained on ``train``, one at a time.
 
     ``train`` is one set, or a function giving network k its own set (k different random subsets make a
     baseline whose spread includes the luck of the draw). Network k is seeded by (seed, k), so the same
-    set always gets the same evaluation.
+    set always gets the same networks.
     """
-    named = measure_on if isinstance(measure_on, dict) else {"": measure_on}
-    accs: dict[str, list[float]] = {name: [] for name in named}
     for k in range(num_nets):
         torch.manual_seed(seed * 7919 + k)
         generator = torch.Generator().manual_seed(seed * 7919 + k)
@@ -42,9 +38,27 @@ def evaluate_set(
         fit(model, train_k, eval_recipe(lr, epochs, precision=precision), generator,
             augment=DSA.for_dataset(meta.name) if augment else None,
             progress=f"{progress} net {k + 1}/{num_nets}" if progress else False)
-        for name, split in named.items():
-            accs[name].append(evaluate(model, split)["acc"])
-    return accs if isinstance(measure_on, dict) else accs[""]
+        yield model
+
+
+def evaluate_set(
+    train: Split | Callable[[int], Split], model_name: str, meta: DatasetInfo, measure_on: Split, lr: float,
+    epochs: int, num_nets: int, seed: int, augment: bool = True, progress: str | bool = False,
+    precision: str = "fp32",
+) -> list[float]:
+    """Accuracy on ``measure_on`` of the ``num_nets`` networks ``train_nets`` trains on ``train``."""
+    return [evaluate(model, measure_on)["acc"]
+            for model in train_nets(train, model_name, meta, lr, epochs, num_nets, seed, augment, progress, precision)]
+
+
+def accuracies(model_name: str, meta: DatasetInfo, states: list[dict], measure_on: Split) -> list[float]:
+    """Accuracy on ``measure_on`` of networks rebuilt from their state dicts."""
+    out = []
+    for state in states:
+        model = models.create(model_name, meta.channels, meta.num_classes, meta.image_size)
+        model.load_state_dict(state)
+        out.append(evaluate(model.to(measure_on.images.device), measure_on)["acc"])
+    return out
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

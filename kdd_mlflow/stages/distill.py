@@ -27,9 +27,10 @@ from kdd_mlflow.artifacts.space import InputSpace
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.config import DistillConfig
 from kdd_mlflow.distill import labels as soft_labels
-from kdd_mlflow.distill.evaluate import evaluate_set, mean_std
+from kdd_mlflow.distill.evaluate import accuracies, evaluate_set, mean_std, train_nets
 from kdd_mlflow.distill.mtt import FlatModel, SyntheticSet, Unroll, mtt_iteration, use_compiler
 from kdd_mlflow.runtime import pick_device, seed_everything
+from kdd_mlflow.train import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -108,23 +109,23 @@ def run(asked: DistillConfig) -> str:
 
         timing = {"eval": 0.0, "evals": 0, "iteration": 0.0, "iterations": 0}
 
-        test = real.test.to(device)
-
         def evaluate_now(iteration: int) -> None:
-            """Validation accuracy of fresh networks trained on the set now; the same networks are measured on
-            the test split too, kept (not logged) with the best set, so the chosen set's test figure needs no
-            second training. The choice itself sees validation accuracy only."""
+            """Validation accuracy of fresh networks trained on the set now. The best round's networks are kept
+            (their weights), so the chosen set is tested on those very networks at the end, with no second
+            training; the choice itself sees validation accuracy only."""
             t0 = time.perf_counter()
-            accs = evaluate_set(data.Split(syn.images.detach(), soft_labels.targets(syn.labels.detach())),
-                                cfg.eval_model, meta, {"val": val, "test": test},
-                                syn.syn_lr.item(), cfg.eval_epochs, cfg.num_eval, seed=cfg.seed + iteration,
-                                precision=cfg.precision)
-            mean, std = mean_std(accs["val"])
+            nets, accs = [], []
+            for net in train_nets(data.Split(syn.images.detach(), soft_labels.targets(syn.labels.detach())),
+                                  cfg.eval_model, meta, syn.syn_lr.item(), cfg.eval_epochs, cfg.num_eval,
+                                  seed=cfg.seed + iteration, precision=cfg.precision):
+                accs.append(evaluate(net, val)["acc"])
+                nets.append({k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
+            mean, std = mean_std(accs)
             mlflow.log_metrics({"val_acc": mean, "val_acc_std": std}, step=iteration)
             if mean > state["best_val"]:
                 state.update(best_val=mean, best_iteration=iteration, best_images=syn.images.detach().cpu().clone(),
                              best_lr=syn.syn_lr.detach().cpu().clone(), best_labels=syn.labels.detach().cpu().clone(),
-                             best_test=accs["test"])
+                             best_nets=nets)
             log.info("iteration %d: validation accuracy %.4f +- %.4f (best %.4f at %d)", iteration, mean, std,
                      state["best_val"], state["best_iteration"])
             timing["eval"] += time.perf_counter() - t0
@@ -214,8 +215,9 @@ def finish(cfg: DistillConfig, real: data.RealData, space: InputSpace, state: di
     test = real.test.to(device)
     protocol = dict(meta=meta, measure_on=test, epochs=cfg.eval_epochs, num_nets=cfg.num_eval, seed=cfg.seed + 10**6,
                     precision=cfg.precision)
-    syn_accs = state.get("best_test")  # the networks that measured the chosen set's validation accuracy
-    if syn_accs is None:  # a checkpoint written before these were kept
+    if "best_nets" in state:  # the networks that measured the chosen set's validation accuracy
+        syn_accs = accuracies(cfg.eval_model, meta, state["best_nets"], test)
+    else:  # a checkpoint written before these were kept
         best = data.Split(state["best_images"].to(device), soft_labels.targets(best_labels).to(device))
         syn_accs = evaluate_set(best, cfg.eval_model, lr=lr, progress="test synthetic", **protocol)
 
