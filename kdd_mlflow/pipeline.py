@@ -337,14 +337,14 @@ def compare(cfg: CombinedConfig, runs: dict[str, dict[int, str]], device) -> lis
     full_images = len(real.train)
     client = MlflowClient()
     expect = {"dataset": cfg.dataset}
-    reference = {s: model_artifact.load(r, expect).logits(real.test.images, device)
+    reference = {s: model_artifact.load(r, expect).test_logits(real.test.images, real.test.labels, device)
                  for s, r in runs[arms.REFERENCE].items()}
     rows = []
     for arm in (name for name in arms.ARMS if name == arms.REFERENCE or name in cfg.arm_list):
         per_seed = []
         for seed, run_id in runs[arm].items():
             trained = model_artifact.load(run_id, expect)
-            logits = trained.logits(real.test.images, device)
+            logits = trained.test_logits(real.test.images, real.test.labels, device)
             run = client.get_run(run_id)
             per_seed.append({
                 **metrics.classification(logits, labels), **metrics.fidelity(reference[seed], logits),

@@ -51,7 +51,7 @@ def train_and_log(model: nn.Module, model_name: str, transfer: data.Split, real:
     test = {f"test_{k}": v for k, v in metrics.classification(logits, real.test.labels.to(logits.device)).items()}
     mlflow.log_metrics(test)
     log.info("test accuracy %.4f", test["test_acc"])
-    model_artifact.log(model, model_name, space, real.test.images[:2])
+    model_artifact.log(model, model_name, space, real.test.images[:2], test=(logits, real.test.labels))
     return test
 
 

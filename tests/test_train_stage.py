@@ -29,6 +29,18 @@ def test_fit_learns_on_generated_data(fake_fashion):
     assert evaluate(model, real.test)["acc"] > 0.6  # chance is 0.1
 
 
+@pytest.mark.parametrize("epochs, validated",
+                         [(3, [1, 2, 3]), (12, [2, 4, 6, 8, 10, 12]), (23, [4, 8, 12, 16, 20, 23])])
+def test_validation_about_five_times_a_run_and_after_the_last_epoch(fake_fashion, epochs, validated):
+    real = data.load("fashion-mnist", fake_fashion, val_size=100)
+    seen = []
+    fit(models.create("convnet-w8", 1, 10, 28), data.Split(real.train.images[:20], real.train.labels[:20]),
+        SGDRecipe(epochs=epochs, batch_size=20),
+        torch.Generator().manual_seed(0), val=real.val, progress=False,
+        on_epoch=lambda e, m: seen.append(e + 1) if "val_acc" in m else None)
+    assert seen == validated
+
+
 @pytest.mark.parametrize("kd_teacher", [False, True], ids=["supervised", "kd"])
 def test_bf16_precision_runs_forwards_in_bf16_and_keeps_weights_and_losses_float32(fake_fashion, kd_teacher):
     from kdd_mlflow import kd
@@ -89,6 +101,14 @@ def test_train_stage_logs_run_and_model_round_trips(fake_fashion):
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements
     assert f"mlflow=={mlflow.__version__}" in requirements
     assert abs(evaluate(ours, real.test)["acc"] - run.data.metrics["test_acc"]) < 1e-6
+    # the run keeps its test logits; a report reads them for this test split and computes them for another
+    with torch.no_grad():
+        computed = ours(real.test.images)
+    stored = loaded.test_logits(real.test.images, real.test.labels)
+    assert stored.shape == computed.shape and torch.allclose(stored, computed, atol=1e-5)
+    assert stored.data_ptr() == loaded.test["logits"].data_ptr()  # read, not recomputed
+    other = loaded.test_logits(real.test.images[:16], real.test.labels[:16])
+    assert other.shape == (16, 10) and other.data_ptr() != loaded.test["logits"].data_ptr()
     with pytest.raises(tracking.ArtifactError, match="dataset='fashion-mnist', expected 'mnist'"):
         model_artifact.load(run_id, expect={"dataset": "mnist"})
 

@@ -4,6 +4,8 @@ Logged twice: as an MLflow model (pt2, with signature and input example) for use
 ``weights/model.safetensors`` plus ``weights/model.json`` (architecture, shapes, input space) for the
 stages, which rebuild it from the registry without unpickling. A model trained in a whitened space
 carries its whitening (``weights/model.zca.safetensors``), so its inputs can always be mapped there.
+The stage that trained it also keeps its logits on the test split with the labels they were measured
+against (``weights/model.test.safetensors``), so a report reads them instead of running the model again.
 """
 
 from __future__ import annotations
@@ -41,9 +43,19 @@ class TrainedModel:
     def name(self) -> str:
         return self.spec["model"]
 
+    test: dict[str, torch.Tensor] | None = None  # the stored test logits and labels, where the run kept them
+
     @property
     def parameters(self) -> int:
         return models.count_parameters(self.module)
+
+    def test_logits(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device | str = "cpu"
+                    ) -> torch.Tensor:
+        """Logits on the test split (``images``, ``labels``): the stored ones when they were measured against
+        these very labels, else computed now."""
+        if self.test is not None and torch.equal(self.test["labels"], labels.cpu()):
+            return self.test["logits"].to(device)
+        return self.logits(images, device)
 
     def logits(self, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """Logits for normalised images, mapped into the model's input space first."""
@@ -67,8 +79,10 @@ def requirements() -> list[str]:
             for name in ("mlflow", "torch", "numpy", "pandas", "cloudpickle")]
 
 
-def log(model: nn.Module, name: str, space: InputSpace, example: torch.Tensor, artifact: str = "model") -> None:
-    """Log ``model`` (registry name ``name``, taking inputs in ``space``) to the active run."""
+def log(model: nn.Module, name: str, space: InputSpace, example: torch.Tensor, artifact: str = "model",
+        test: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Log ``model`` (registry name ``name``, taking inputs in ``space``) to the active run; ``test``: its
+    logits on the test split and the labels of that split."""
     model.eval()
     cpu_model = copy.deepcopy(model).to("cpu")
     mlflow.pytorch.log_model(cpu_model, name=artifact, input_example=example[:2].detach().cpu().numpy(),
@@ -77,7 +91,12 @@ def log(model: nn.Module, name: str, space: InputSpace, example: torch.Tensor, a
         save_file({k: v.contiguous() for k, v in cpu_model.state_dict().items()}, f"{tmp}/{artifact}.safetensors")
         if space.zca is not None:
             save_file(space.tensors(), f"{tmp}/{artifact}.zca.safetensors")
-        Path(f"{tmp}/{artifact}.json").write_text(json.dumps(spec_for(name, space), indent=2))
+        if test is not None:
+            logits, labels = test
+            save_file({"logits": logits.detach().float().cpu().contiguous(), "labels": labels.cpu().contiguous()},
+                      f"{tmp}/{artifact}.test.safetensors")
+        spec = {**spec_for(name, space), "test_logits": test is not None}
+        Path(f"{tmp}/{artifact}.json").write_text(json.dumps(spec, indent=2))
         mlflow.log_artifacts(tmp, DIRECTORY)
 
 
@@ -88,6 +107,8 @@ def load(run_id: str, expect: dict | None = None, artifact: str = "model") -> Tr
         spec = tracking.load_json(run_id, f"{DIRECTORY}/{artifact}.json", tmp)
         state = tracking.load_tensors(run_id, f"{DIRECTORY}/{artifact}.safetensors", tmp)
         zca = tracking.load_tensors(run_id, f"{DIRECTORY}/{artifact}.zca.safetensors", tmp) if spec.get("zca") else {}
+        test = tracking.load_tensors(run_id, f"{DIRECTORY}/{artifact}.test.safetensors", tmp) \
+            if spec.get("test_logits") else None
     for key, want in (expect or {}).items():
         if spec.get(key) != want:
             raise tracking.ArtifactError(f"run {run_id}: model {artifact} has {key}={spec.get(key)!r}, "
@@ -98,4 +119,10 @@ def load(run_id: str, expect: dict | None = None, artifact: str = "model") -> Tr
         module.load_state_dict(state, strict=True)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise tracking.ArtifactError(f"run {run_id}: {DIRECTORY}/{artifact}: {exc}") from None
-    return TrainedModel(module, spec, space)
+    if test is not None:
+        logits, labels = test.get("logits"), test.get("labels")
+        if (logits is None or labels is None or logits.dtype != torch.float32 or labels.dtype != torch.int64
+                or logits.shape != (len(labels), spec["num_classes"])):
+            raise tracking.ArtifactError(f"run {run_id}: {DIRECTORY}/{artifact}.test.safetensors does not hold "
+                                         f"float32 logits for {spec['num_classes']} classes and int64 labels")
+    return TrainedModel(module, spec, space, test)

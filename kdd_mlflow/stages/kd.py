@@ -87,8 +87,11 @@ def run(asked: KDConfig) -> str:
         with loss.attach(student, teacher, example=transfer_on_device.images[:2]):
             train_and_log(student, cfg.student, transfer_on_device, real, recipe, generator, device, loaded.space,
                           objective=objective, extra_parameters=loss.extra_parameters())
+        stored = loaded.test  # the teacher's logits on the test split, as its own run measured them
         fid = fidelity_metrics(teacher, student, transfer_on_device, real.test.to(device),
-                               objective.teacher_logits if recipe.precision == "fp32" else None)
+                               objective.teacher_logits if recipe.precision == "fp32" else None,
+                               stored["logits"].to(device) if stored is not None
+                               and torch.equal(stored["labels"], real.test.labels.cpu()) else None)
         fid.update(metrics.compression(models.count_parameters(teacher), models.count_parameters(student),
                                        full_images, len(transfer)))
         fid["teacher_parameters"] = models.count_parameters(teacher)
@@ -99,13 +102,13 @@ def run(asked: KDConfig) -> str:
 
 
 def fidelity_metrics(teacher, student, transfer: data.Split, test: data.Split,
-                     transfer_teacher: torch.Tensor | None = None) -> dict[str, float]:
-    """Agreement and KL on the transfer and test images; ``transfer_teacher``: the teacher's float32 logits on the
-    transfer images when already at hand."""
+                     transfer_teacher: torch.Tensor | None = None, test_teacher: torch.Tensor | None = None
+                     ) -> dict[str, float]:
+    """Agreement and KL on the transfer and test images; ``transfer_teacher`` and ``test_teacher``: the teacher's
+    float32 logits on them when already at hand."""
     out = {}
-    for name, split in (("transfer", transfer), ("test", test)):
-        t = transfer_teacher if name == "transfer" and transfer_teacher is not None else predict_logits(teacher,
-                                                                                                        split.images)
+    for name, split, known in (("transfer", transfer, transfer_teacher), ("test", test, test_teacher)):
+        t = known if known is not None else predict_logits(teacher, split.images)
         s = predict_logits(student, split.images)
         out.update({f"{name}_{k}": v for k, v in metrics.fidelity(t, s).items()})
         if name == "test":
