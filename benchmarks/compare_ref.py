@@ -34,14 +34,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def export(ref: str, directory: Path) -> str:
-    """Unpack ``ref``'s package into ``directory``; return the commit it resolved to."""
+def export(ref: str, directory: Path, paths: tuple[str, ...] = ("kdd_mlflow",)) -> str:
+    """Unpack ``paths`` (by default the package) of ``ref`` into ``directory``; return the commit it resolved to."""
     commit = subprocess.run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=ROOT, capture_output=True,
                             text=True)
     if commit.returncode != 0:
         raise click.BadParameter(f"{ref!r} is not a commit of {ROOT}", param_hint="--ref")
     archive = directory / "ref.tar"
-    subprocess.run(["git", "archive", "--format=tar", "-o", str(archive), commit.stdout.strip(), "kdd_mlflow"],
+    subprocess.run(["git", "archive", "--format=tar", "-o", str(archive), commit.stdout.strip(), *paths],
                    cwd=ROOT, check=True)
     with tarfile.open(archive) as tar:
         tar.extractall(directory, filter="data")
