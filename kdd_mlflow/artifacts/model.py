@@ -38,12 +38,11 @@ class TrainedModel:
     module: nn.Module
     spec: dict
     space: InputSpace
+    test: dict[str, torch.Tensor] | None = None  # the stored test logits and labels, where the run kept them
 
     @property
     def name(self) -> str:
         return self.spec["model"]
-
-    test: dict[str, torch.Tensor] | None = None  # the stored test logits and labels, where the run kept them
 
     @property
     def parameters(self) -> int:
@@ -53,9 +52,14 @@ class TrainedModel:
                     ) -> torch.Tensor:
         """Logits on the test split (``images``, ``labels``): the stored ones when they were measured against
         these very labels, else computed now."""
+        stored = self.stored_test_logits(labels, device)
+        return stored if stored is not None else self.logits(images, device)
+
+    def stored_test_logits(self, labels: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The logits its run stored on the test split, if measured against these very ``labels``; else None."""
         if self.test is not None and torch.equal(self.test["labels"], labels.cpu()):
             return self.test["logits"].to(device)
-        return self.logits(images, device)
+        return None
 
     def logits(self, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """Logits for normalised images, mapped into the model's input space first."""

@@ -87,11 +87,9 @@ def run(asked: KDConfig) -> str:
         with loss.attach(student, teacher, example=transfer_on_device.images[:2]):
             train_and_log(student, cfg.student, transfer_on_device, real, recipe, generator, device, loaded.space,
                           objective=objective, extra_parameters=loss.extra_parameters())
-        stored = loaded.test  # the teacher's logits on the test split, as its own run measured them
         fid = fidelity_metrics(teacher, student, transfer_on_device, real.test.to(device),
                                objective.teacher_logits if recipe.precision == "fp32" else None,
-                               stored["logits"].to(device) if stored is not None
-                               and torch.equal(stored["labels"], real.test.labels.cpu()) else None)
+                               loaded.stored_test_logits(real.test.labels, device))  # as the teacher's run measured
         fid.update(metrics.compression(models.count_parameters(teacher), models.count_parameters(student),
                                        full_images, len(transfer)))
         fid["teacher_parameters"] = models.count_parameters(teacher)
