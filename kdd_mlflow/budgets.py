@@ -51,14 +51,44 @@ for _name in ("mnist", "fashion-mnist"):
                                       lr_teacher=1e-2, batch_syn=None, zca=False)
 
 PAPER_EXPERTS = dict(model="convnet", num_experts=100, epochs=50, lr_teacher=1e-2)
+# What MTT fixes for every row: no window below the bound (start epochs from 0), hard labels.
+MTT_MATCHING = dict(min_start_epoch=0, labels="hard", lr_label=2.0)
 PAPER_RUN = dict(iterations=5000, eval_every=500, num_eval=5, eval_epochs=1000, checkpoint_every=100)
+
+# The published DATM settings (Guo et al., ICLR 2024; the authors' configurations for the instance-norm ConvNet,
+# configs/CIFAR-*/ConvIN/IPC*.yaml of their repository): (dataset, ipc) -> syn_steps, expert_epochs, the start-epoch
+# window [min_start_epoch, bound) whose bound grows from window_start (their current_max_start_epoch) to
+# max_start_epoch by iteration window_iterations (their expansion_end_epoch; a row without window_start keeps the
+# bound at max_start_epoch: their Sequential_Generation off), pixel, step-size and label (their lr_y) learning
+# rates, synthetic batch (None: all of it) and ZCA. Every row learns soft labels, for 10,000 iterations. The
+# CIFAR-100 ipc 50 row starts at epoch 20 and reaches epoch 72, beyond the 50 epochs of the paper budget's experts:
+# train them longer (kdd experts --epochs 72) to use it.
+PAPER_DATM: dict[tuple[str, int], dict] = {
+    ("cifar10", 1): dict(syn_steps=80, expert_epochs=2, min_start_epoch=0, max_start_epoch=4, lr_img=1e2,
+                         lr_lr=1e-7, lr_teacher=1e-2, lr_label=5.0, batch_syn=None, zca=True),
+    ("cifar10", 10): dict(syn_steps=80, expert_epochs=2, min_start_epoch=0, window_start=10, max_start_epoch=20,
+                          window_iterations=1000, lr_img=1e2, lr_lr=1e-5, lr_teacher=1e-2, lr_label=2.0,
+                          batch_syn=None, zca=True),
+    ("cifar10", 50): dict(syn_steps=80, expert_epochs=2, min_start_epoch=0, window_start=20, max_start_epoch=40,
+                          window_iterations=2000, lr_img=1e3, lr_lr=1e-5, lr_teacher=1e-2, lr_label=2.0,
+                          batch_syn=None, zca=True),
+    ("cifar100", 1): dict(syn_steps=40, expert_epochs=3, min_start_epoch=0, window_start=20, max_start_epoch=30,
+                          window_iterations=3000, lr_img=1e3, lr_lr=1e-5, lr_teacher=1e-2, lr_label=2.0,
+                          batch_syn=None, zca=True),
+    ("cifar100", 10): dict(syn_steps=80, expert_epochs=2, min_start_epoch=0, window_start=30, max_start_epoch=50,
+                           window_iterations=2000, lr_img=1e3, lr_lr=1e-5, lr_teacher=1e-2, lr_label=10.0,
+                           batch_syn=None, zca=True),
+    ("cifar100", 50): dict(syn_steps=80, expert_epochs=2, min_start_epoch=20, max_start_epoch=70, lr_img=1e3,
+                           lr_lr=1e-5, lr_teacher=1e-2, lr_label=10.0, batch_syn=1000, zca=True),
+}
+DATM_RUN = dict(iterations=10000, labels="learned")
 
 # Quick: 2 CPU cores, minutes. A narrow ConvNet (16x fewer multiply-adds than W128), few short experts on
 # a subset, short unrolls.
 QUICK_EXPERTS = dict(model="convnet-w32", num_experts=3, epochs=6, lr_teacher=1e-2, train_limit=10000, zca=False)
 QUICK_DISTILL = dict(syn_steps=10, expert_epochs=2, max_start_epoch=4, lr_img=1e2, lr_lr=1e-5, lr_teacher=1e-2,
                      batch_syn=None, iterations=100, eval_every=50, num_eval=3, eval_epochs=200,
-                     checkpoint_every=25)
+                     checkpoint_every=25, **MTT_MATCHING)
 
 # Teacher and KD, by training set: the full real data, or a small set (synthetic or a random subset).
 # Quick teacher: a ConvNet twice as wide as the student (3.2x its parameters); W64 trains 3.5x slower on
@@ -83,16 +113,21 @@ def pick_budget(budget: str, device_type: str) -> str:
     return "paper" if device_type == "cuda" else "quick"
 
 
-def paper_distill_row(dataset: str, ipc: int) -> tuple[int, dict]:
-    """The published row for the nearest ipc (1, 10 or 50)."""
+def paper_distill_row(dataset: str, ipc: int, recipe: str = "mtt") -> tuple[int, dict]:
+    """The published row of ``recipe`` (mtt or datm) for the nearest ipc (1, 10 or 50)."""
     nearest = min((1, 10, 50), key=lambda k: abs(k - ipc))
+    if recipe == "datm":
+        if (dataset, nearest) not in PAPER_DATM:
+            raise ValueError(f"recipe datm: the published DATM settings cover cifar10 and cifar100, not {dataset}; "
+                             "use recipe mtt, or set the window (--window-start) and --labels learned yourself")
+        return nearest, dict(PAPER_DATM[(dataset, nearest)])
     return nearest, dict(PAPER_DISTILL[(dataset, nearest)])
 
 
-def experts_zca(budget: str, dataset: str, ipc: int) -> bool | None:
+def experts_zca(budget: str, dataset: str, ipc: int, recipe: str = "mtt") -> bool | None:
     """The ZCA flag a pipeline gives its experts for distilling ``ipc`` images per class: the published
-    row's under the paper budget; None (the experts' own budget decides) under quick."""
-    return paper_distill_row(dataset, ipc)[1]["zca"] if budget == "paper" else None
+    row's (of ``recipe``) under the paper budget; None (the experts' own budget decides) under quick."""
+    return paper_distill_row(dataset, ipc, recipe)[1]["zca"] if budget == "paper" else None
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -141,14 +176,18 @@ def distill_defaults(cfg: DistillConfig, budget: str, *, experts_model: str, exp
     # experts' rate): a set distilled from experts trained at another rate starts from theirs
     follow = {} if experts_lr is None else {"lr_teacher": experts_lr}
     if budget != "paper":
+        if cfg.recipe != "mtt":
+            raise ValueError(f"recipe {cfg.recipe}: its published settings are a paper-budget table (--budget paper); "
+                             "under the quick budget set the window (--window-start) and --labels learned yourself")
         return dict(QUICK_DISTILL, eval_model=experts_model, **follow)
-    row_ipc, row = paper_distill_row(cfg.dataset, cfg.ipc)
+    row_ipc, row = paper_distill_row(cfg.dataset, cfg.ipc, cfg.recipe)
     row_zca = row.pop("zca")  # ZCA is the experts' choice: the set is distilled in their input space
     if row_zca != experts_zca:  # a user may want that; say so rather than refuse
         log.warning("the experts are %sZCA-whitened, but the published row for %s ipc %d is %s ZCA; distilling "
                     "as the experts are (experts --zca %s would follow the paper)", "" if experts_zca else "not ",
                     cfg.dataset, row_ipc, "with" if row_zca else "without", str(row_zca).lower())
-    return {**PAPER_RUN, **row, "eval_model": experts_model, "paper_row_ipc": row_ipc, **follow}
+    run = {**PAPER_RUN, **DATM_RUN} if cfg.recipe == "datm" else {**PAPER_RUN, **MTT_MATCHING}
+    return {**run, **row, "eval_model": experts_model, "paper_row_ipc": row_ipc, **follow}
 
 
 def by_source(tables: dict[str, dict], small: bool, learned_lr: float | None) -> dict:

@@ -195,13 +195,16 @@ class DistillConfig(TrainingConfig):
 
     experts_run: str = Field(description="experts run id(s), comma-separated (required)")
     budget: Budget = Field("auto", description="quick (CPU minutes), paper (published settings), auto (by device)")
+    recipe: Literal["mtt", "datm"] = Field(
+        "mtt", description="whose published settings the paper budget fills in: mtt (Cazenavette et al. 2022) or datm "
+                           "(Guo et al. 2024: difficulty-aligned window, learned soft labels; CIFAR-10/100 only)")
     ipc: int = Field(10, ge=1, description="synthetic images per class")
-    iterations: int | None = Field(None, ge=0, description="distillation iterations (paper: 5000)")
+    iterations: int | None = Field(None, ge=0, description="distillation iterations (paper: 5000, datm: 10000)")
     syn_steps: int | None = Field(None, ge=1, description="student SGD steps unrolled on the synthetic set")
     expert_epochs: int | None = Field(None, ge=1, description="expert epochs the student must cover")
     max_start_epoch: int | None = Field(None, ge=1, description="start epoch drawn uniformly in [min_start_epoch, "
                                                                "this)")
-    min_start_epoch: int = Field(0, ge=0, description="the earliest start epoch")
+    min_start_epoch: int | None = Field(None, ge=0, description="the earliest start epoch (default 0)")
     window_start: int | None = Field(
         None, ge=1, description="difficulty-aligned window (DATM): the start epochs' upper bound begins here and grows "
                                 "linearly to max_start_epoch by window_iterations (default: no window, the bound is "
@@ -220,11 +223,12 @@ class DistillConfig(TrainingConfig):
     matching: Literal["unrolled", "recompute", "first-order"] = Field(
         "unrolled", description="gradient of the matching loss: unrolled (autograd through every step), "
                                 "recompute (the same, exactly, in one step's memory), first-order (TESLA)")
-    labels: Literal["hard", "soft", "learned"] = Field(
-        "hard", description="synthetic labels: hard (the class), soft (an expert's logits on the initial images, "
-                            "drawn among those it classifies correctly), learned (soft, then learned by the matching "
-                            "loss; DATM)")
-    lr_label: float = Field(2.0, gt=0, description="learning rate of learned labels (SGD, momentum 0.9)")
+    labels: Literal["hard", "soft", "learned"] | None = Field(
+        None, description="synthetic labels (default hard; learned under recipe datm): hard (the class), soft (an "
+                          "expert's logits on the initial images, drawn among those it classifies correctly), learned "
+                          "(soft, then learned by the matching loss; DATM)")
+    lr_label: float | None = Field(None, gt=0, description="learning rate of learned labels (SGD, momentum 0.9; "
+                                                           "default 2)")
     engine: Literal["eager", "compiled"] = Field(
         "eager", description="inner-step derivatives: eager (autograd) or compiled (torch.func under torch.compile: "
                              "fused kernels, compiles once per shape; README, Performance)")
@@ -246,17 +250,17 @@ class DistillConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _window_is_ordered(self) -> DistillConfig:
-        top = self.max_start_epoch
-        if top is not None and self.min_start_epoch >= top:
-            raise ValueError(f"min_start_epoch {self.min_start_epoch} must be below max_start_epoch {top}")
-        if self.window_start is not None and (self.window_start <= self.min_start_epoch
+        top, low = self.max_start_epoch, self.min_start_epoch or 0
+        if top is not None and low >= top:
+            raise ValueError(f"min_start_epoch {low} must be below max_start_epoch {top}")
+        if self.window_start is not None and (self.window_start <= low
                                               or (top is not None and self.window_start > top)):
             raise ValueError(f"window_start {self.window_start} must lie in (min_start_epoch, max_start_epoch]")
         return self
 
     @model_validator(mode="after")
     def _soft_labels_need_real_images(self) -> DistillConfig:
-        if self.labels != "hard" and self.init != "real":
+        if self.labels not in (None, "hard") and self.init != "real":
             raise ValueError(f"labels '{self.labels}' come from an expert's logits on real images; use init 'real'")
         return self
 

@@ -205,8 +205,10 @@ def stage_common(cfg: PipelineConfig, budget: str) -> dict[str, object]:
 
 def experts_params(cfg: PipelineConfig, budget: str, ipc: int) -> dict[str, object]:
     """The experts stage's parameters for a synthetic set of ``ipc`` images per class (the seed aside):
-    under the paper budget, the ZCA flag of the published row, which the experts alone cannot know."""
-    return {**stage_common(cfg, budget), "zca": budgets.experts_zca(budget, cfg.dataset, ipc)}
+    under the paper budget, the ZCA flag of the published row (of the distill recipe the overrides ask for), which
+    the experts alone cannot know."""
+    recipe = cfg.override_map.get("distill", {}).get("recipe", "mtt")
+    return {**stage_common(cfg, budget), "zca": budgets.experts_zca(budget, cfg.dataset, ipc, recipe)}
 
 
 def selected_with_needs(names: list[str]) -> list[str]:

@@ -91,7 +91,8 @@ def trained_on(run_id: str) -> dict[str, str]:
     labels = "hard"
     synthetic_run = run.data.params.get("synthetic_run")
     if family(run) == "distilled set" and synthetic_run:  # the set's own labels: hard, or soft (distill --labels)
-        own = client.get_run(synthetic_run).data.params.get("labels", "hard")
+        params = client.get_run(synthetic_run).data.params  # as asked, else as the budget filled it in
+        own = params.get("labels") or params.get("budget.labels") or "hard"
         labels = "hard" if own == "hard" else f"the set's {own} soft labels"
     if run.data.tags.get(STAGE_TAG) == "kd":
         teacher = f"teacher on {family(client.get_run(run.data.params['teacher_run']))}"

@@ -94,3 +94,42 @@ def test_synthetic_step_size_starts_at_the_experts_learning_rate(budget):
     given = budgets.resolve(cfg.model_copy(update={"lr_teacher": 0.05}), "cpu", experts_model="convnet",
                             experts_zca=True, experts_lr=0.1)
     assert given.cfg.lr_teacher == 0.05
+
+
+@pytest.mark.parametrize("dataset, ipc, window", [("cifar10", 1, (0, None, 4, None)),
+                                                  ("cifar10", 10, (0, 10, 20, 1000)),
+                                                  ("cifar10", 50, (0, 20, 40, 2000)),
+                                                  ("cifar100", 10, (0, 30, 50, 2000)),
+                                                  ("cifar100", 50, (20, None, 70, None))])
+def test_the_datm_recipe_fills_the_published_window_and_learned_labels(dataset, ipc, window):
+    cfg = DistillConfig(experts_run="e", budget="paper", recipe="datm", dataset=dataset, ipc=ipc)
+    resolved = budgets.resolve(cfg, "cuda", experts_model="convnet", experts_zca=True).cfg
+    assert (resolved.min_start_epoch, resolved.window_start, resolved.max_start_epoch,
+            resolved.window_iterations) == window
+    assert (resolved.labels, resolved.iterations, resolved.syn_steps) == ("learned", 10000, 80)
+    mtt = budgets.resolve(cfg.model_copy(update={"recipe": "mtt"}), "cuda", experts_model="convnet",
+                          experts_zca=True).cfg
+    assert (mtt.labels, mtt.min_start_epoch, mtt.window_start, mtt.lr_label) == ("hard", 0, None, 2.0)
+    # what is given explicitly wins over the recipe
+    given = budgets.resolve(cfg.model_copy(update={"labels": "hard", "lr_label": 1.0}), "cuda",
+                            experts_model="convnet", experts_zca=True).cfg
+    assert (given.labels, given.lr_label) == ("hard", 1.0)
+
+
+def test_the_datm_recipe_is_refused_where_it_has_no_published_settings():
+    with pytest.raises(ValueError, match="cover cifar10 and cifar100, not fashion-mnist"):
+        budgets.resolve(DistillConfig(experts_run="e", budget="paper", recipe="datm", dataset="fashion-mnist"), "cuda",
+                        experts_model="convnet", experts_zca=False)
+    with pytest.raises(ValueError, match="paper-budget table"):
+        budgets.resolve(DistillConfig(experts_run="e", budget="quick", recipe="datm", dataset="cifar10"), "cpu",
+                        experts_model="convnet-w32", experts_zca=False)
+    quick = budgets.resolve(DistillConfig(experts_run="e", dataset="cifar10"), "cpu", experts_model="convnet-w32",
+                            experts_zca=False).cfg
+    assert (quick.labels, quick.min_start_epoch, quick.lr_label) == ("hard", 0, 2.0)
+
+
+def test_a_pipeline_distilling_by_datm_gives_its_experts_the_datm_rows_zca():
+    mtt = pipeline.experts_params(CombinedConfig(dataset="cifar10", ipc=50), "paper", 50)
+    datm = pipeline.experts_params(CombinedConfig(dataset="cifar10", ipc=50, overrides="distill.recipe=datm"),
+                                   "paper", 50)
+    assert (mtt["zca"], datm["zca"]) == (False, True)
