@@ -116,7 +116,9 @@ def one_line(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-Budget = Literal["auto", "quick", "paper"]
+Budget = Literal["auto", "quick", "long", "paper"]
+BUDGET_HELP = ("quick (CPU minutes: the main job in 10), long (CPU: longer experts, a better set in about 10 minutes "
+               "of experts + distill), paper (published settings), auto (paper on a GPU, else quick)")
 
 
 def parse_shard(shard: str | None, num_experts: int) -> list[int]:
@@ -136,7 +138,7 @@ class ExpertsConfig(TrainingConfig):
     Unset values come from the budget (quick or paper) and are logged as ``budget.*`` params.
     """
 
-    budget: Budget = Field("auto", description="quick (CPU minutes), paper (published settings), auto (by device)")
+    budget: Budget = Field("auto", description=BUDGET_HELP)
     model: str | None = Field(None, description="expert architecture (quick: convnet-w32, paper: convnet)")
     num_experts: int | None = Field(None, ge=1, description="experts to train (quick: 3, paper: 100)")
     epochs: int | None = Field(None, ge=1, description="epochs per expert (quick: 6, paper: 50)")
@@ -194,7 +196,7 @@ class DistillConfig(TrainingConfig):
     """
 
     experts_run: str = Field(description="experts run id(s), comma-separated (required)")
-    budget: Budget = Field("auto", description="quick (CPU minutes), paper (published settings), auto (by device)")
+    budget: Budget = Field("auto", description=BUDGET_HELP)
     recipe: Literal["mtt", "datm"] = Field(
         "mtt", description="whose published settings the paper budget fills in: mtt (Cazenavette et al. 2022) or datm "
                            "(Guo et al. 2024: difficulty-aligned window, learned soft labels; CIFAR-10/100 only)")
@@ -280,7 +282,7 @@ class SGDStageConfig(TrainingConfig):
     """Stages that train one network with SGD; unset values come from the budget and the training set
     (the full real data, or a small set: synthetic or a random subset)."""
 
-    budget: Budget = Field("auto", description="quick (CPU minutes), paper (published settings), auto (by device)")
+    budget: Budget = Field("auto", description=BUDGET_HELP)
     epochs: int | None = Field(None, ge=1, description="epochs (real: quick 3 / paper 100; small sets: 200 / 1000)")
     batch_size: int = Field(256, ge=1, description="images per SGD step")
     lr: float | None = Field(
@@ -376,7 +378,7 @@ class PipelineConfig(CommonConfig):
     environment manager of the stage runs."""
 
     dataset: str = Field("mnist", description="mnist, fashion-mnist, cifar10 or cifar100")
-    budget: Budget = Field("auto", description="quick (CPU minutes), paper (published settings), auto (by device)")
+    budget: Budget = Field("auto", description=BUDGET_HELP)
     teacher_model: str | None = Field(None, description="teacher architecture (default: the budget's)")
     student_model: str | None = Field(None, description="student architecture (default: the budget's)")
     overrides: str = Field("", description="stage or arm parameters, e.g. distill.iterations=500,teacher-full.epochs=5")

@@ -125,7 +125,21 @@ def test_the_datm_recipe_is_refused_where_it_has_no_published_settings():
                         experts_model="convnet-w32", experts_zca=False)
     quick = budgets.resolve(DistillConfig(experts_run="e", dataset="cifar10"), "cpu", experts_model="convnet-w32",
                             experts_zca=False).cfg
-    assert (quick.labels, quick.min_start_epoch, quick.lr_label) == ("hard", 0, 2.0)
+    assert (quick.min_start_epoch, quick.lr_label, quick.window_start) == (0, 2.0, None)
+
+
+@pytest.mark.parametrize("dataset, ipc, labels", [("fashion-mnist", 10, "hard"), ("fashion-mnist", 1, "learned"),
+                                                  ("mnist", 50, "hard"), ("cifar10", 10, "learned"),
+                                                  ("cifar100", 1, "learned")])
+def test_the_quick_budget_learns_labels_where_they_paid(dataset, ipc, labels):
+    cfg = DistillConfig(experts_run="e", budget="quick", dataset=dataset, ipc=ipc)
+    resolved = budgets.resolve(cfg, "cpu", experts_model="convnet-w32", experts_zca=False)
+    assert resolved.cfg.labels == labels and resolved.filled["labels"] == labels
+    given = budgets.resolve(cfg.model_copy(update={"labels": "hard"}), "cpu", experts_model="convnet-w32",
+                            experts_zca=False)
+    assert given.cfg.labels == "hard" and "labels" not in given.filled
+    whitened = budgets.resolve(cfg, "cpu", experts_model="convnet-w32", experts_zca=True)
+    assert whitened.cfg.labels == "hard"
 
 
 def test_a_pipeline_distilling_by_datm_gives_its_experts_the_datm_rows_zca():
@@ -133,3 +147,23 @@ def test_a_pipeline_distilling_by_datm_gives_its_experts_the_datm_rows_zca():
     datm = pipeline.experts_params(CombinedConfig(dataset="cifar10", ipc=50, overrides="distill.recipe=datm"),
                                    "paper", 50)
     assert (mtt["zca"], datm["zca"]) == (False, True)
+
+
+@pytest.mark.parametrize("dataset, epochs, lr", [("fashion-mnist", 20, 0.1), ("mnist", 20, 0.1), ("cifar10", 14, 0.01),
+                                                 ("cifar100", 14, 0.01)])
+def test_the_long_budget_trains_longer_experts_and_matches_along_them(dataset, epochs, lr):
+    experts = budgets.resolve(ExpertsConfig(dataset=dataset, budget="long"), "cpu").cfg
+    assert (experts.epochs, experts.lr_teacher, experts.num_experts, experts.train_limit) == (epochs, lr, 3, 10000)
+    assert experts.zca is dataset.startswith("cifar")
+    cfg = DistillConfig(experts_run="e", budget="long", dataset=dataset, ipc=10)
+    distill = budgets.resolve(cfg, "cpu", experts_model="convnet-w32", experts_zca=False, experts_lr=lr,
+                              experts_epochs=epochs)
+    assert distill.budget == "long" and distill.cfg.max_start_epoch == epochs - 2 and distill.cfg.iterations == 100
+    given = budgets.resolve(cfg.model_copy(update={"max_start_epoch": 5}), "cpu", experts_model="convnet-w32",
+                            experts_zca=False, experts_epochs=epochs)
+    assert given.cfg.max_start_epoch == 5
+    quick = budgets.resolve(cfg.model_copy(update={"budget": "quick"}), "cpu", experts_model="convnet-w32",
+                            experts_zca=False, experts_epochs=epochs)
+    assert quick.cfg.max_start_epoch == 4  # the quick budget keeps its own bound
+    # teacher and KD arms train as under the quick budget
+    assert budgets.resolve(TeacherConfig(budget="long"), "cpu").cfg.epochs == 3

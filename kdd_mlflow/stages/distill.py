@@ -67,7 +67,8 @@ def run(asked: DistillConfig) -> str:
         buffer = ExpertsBuffer(asked.experts_runs, Path(tmp))
         manifest = buffer.manifest
         resolved = budgets.resolve(asked, device.type, experts_model=manifest["model"],
-                                   experts_zca=buffer.space.zca is not None, experts_lr=manifest.get("lr_teacher"))
+                                   experts_zca=buffer.space.zca is not None, experts_lr=manifest.get("lr_teacher"),
+                                   experts_epochs=manifest["epochs"])
         cfg = resolved.cfg
         check_against_experts(cfg, manifest)
         compiled = use_compiler(cfg.engine, device.type)
