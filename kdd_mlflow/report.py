@@ -9,6 +9,7 @@ from pathlib import Path
 import plotly.express as px
 import torch
 
+from kdd_mlflow import tracking
 from kdd_mlflow.data import DatasetInfo
 
 
@@ -92,7 +93,7 @@ def trained_on(run_id: str) -> dict[str, str]:
     synthetic_run = run.data.params.get("synthetic_run")
     if family(run) == "distilled set" and synthetic_run:  # the set's own labels: hard, or soft (distill --labels)
         params = client.get_run(synthetic_run).data.params  # as asked, else as the budget filled it in
-        own = params.get("labels") or params.get("budget.labels") or "hard"
+        own = tracking.given(params, "labels") or tracking.given(params, "budget.labels") or "hard"
         labels = "hard" if own == "hard" else f"the set's {own} soft labels"
     if run.data.tags.get(STAGE_TAG) == "kd":
         teacher = f"teacher on {family(client.get_run(run.data.params['teacher_run']))}"

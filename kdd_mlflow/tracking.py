@@ -169,6 +169,12 @@ def same_value(logged: str, value: str) -> bool:
         return False
 
 
+def given(params: dict[str, str], key: str) -> str | None:
+    """A run's param ``key`` as given, or None where it was left unset (absent, empty, or `mlflow run`'s "''")."""
+    value = params.get(key)
+    return None if value is None or same_value(value, "") else value
+
+
 def log_params(params: dict[str, object]) -> None:
     """Log params to the active run; ones it already has must agree (a resumed run cannot change them)."""
     run = mlflow.active_run()

@@ -134,3 +134,8 @@ def test_params_logged_by_mlflow_run_match_the_config_values():
     assert same_value("true", "True") and same_value("False", "false") and same_value("''", "")
     assert same_value("0.010", "0.01") and same_value("10", "10")
     assert not same_value("true", "False") and not same_value("1", "True") and not same_value("a", "b")
+    from kdd_mlflow.tracking import given
+
+    params = {"labels": "''", "budget.labels": "learned", "ipc": "10", "init": ""}
+    assert given(params, "labels") is None and given(params, "init") is None and given(params, "seed") is None
+    assert given(params, "budget.labels") == "learned" and given(params, "ipc") == "10"
