@@ -28,6 +28,8 @@ import click
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from kdd_mlflow.distill.evaluate import mean_std
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Published test accuracy (%), ConvNet, ipc 1 / 10 / 50. Random real, DC and DSA: Zhao et al. (ICLR 2021) and Zhao &
@@ -40,7 +42,7 @@ PUBLISHED = {
 }
 PUBLISHED_IPC = (1, 10, 50)
 TABLE_KEYS = ("test_acc_mean", "random_subset_test_acc_mean", "random_subset_soft_test_acc_mean", "ior")
-METRICS = ("test_acc_mean", "random_subset_test_acc_mean", "random_subset_soft_test_acc_mean", "ior", "best_val_acc")
+METRICS = (*TABLE_KEYS, "best_val_acc")
 
 
 def int_list(text: str) -> list[int]:
@@ -74,10 +76,6 @@ def tagged(key: str, value: str) -> str | None:
 def wall_s(client: MlflowClient, run_id: str) -> float:
     info = client.get_run(run_id).info
     return (info.end_time - info.start_time) / 1000
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
 def cell_text(values: list[float]) -> str:

@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 
-from kdd_mlflow import tracking
+from kdd_mlflow import data, tracking
 from kdd_mlflow.config import DistillConfig, ExpertsConfig, KDConfig, PipelineConfig, TeacherConfig
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,9 @@ def pick_budget(budget: str, device_type: str) -> str:
     return "paper" if device_type == "cuda" else "quick"
 
 
-GRAYSCALE = ("mnist", "fashion-mnist")
+def grayscale(dataset: str) -> bool:
+    """One channel (MNIST, Fashion-MNIST), as the dataset table says."""
+    return data.DATASETS[dataset].channels == 1
 
 
 def quick_labels(dataset: str, ipc: int, zca: bool = False) -> str:
@@ -138,7 +140,7 @@ def quick_labels(dataset: str, ipc: int, zca: bool = False) -> str:
     """
     if zca:
         return "hard"
-    return "hard" if dataset in GRAYSCALE and ipc > 1 else "learned"
+    return "hard" if grayscale(dataset) and ipc > 1 else "learned"
 
 
 def paper_distill_row(dataset: str, ipc: int, recipe: str = "mtt") -> tuple[int, dict]:
@@ -165,14 +167,15 @@ C = TypeVar("C", bound=BaseModel)
 class Resolved(Generic[C]):
     """A config resolved against its budget."""
 
-    budget: str  # quick or paper
+    budget: str  # quick, long or paper
     cfg: C  # every unset field the budget decides, filled in
     filled: dict[str, object]  # what the budget filled in, and which published row it used
 
 
 def resolve(cfg: C, device_type: str, **context: object) -> Resolved[C]:
     """Fill ``cfg``'s unset fields from its budget. ``context`` is what the stage knows that its config
-    does not: distill, the experts' ``experts_model`` and ``experts_zca``; teacher and kd, the synthetic
+    does not: distill, the experts' ``experts_model``, ``experts_zca``, ``experts_lr`` and ``experts_epochs``; teacher
+    and kd, the synthetic
     set's ``learned_lr``; kd, ``teacher_on_transfer`` (its teacher was trained on this transfer set)."""
     budget = pick_budget(cfg.budget, device_type)
     defaults = next(make for kind, make in DEFAULTS.items() if isinstance(cfg, kind))
@@ -192,7 +195,7 @@ def log_resolved(resolved: Resolved) -> None:
 
 def experts_defaults(cfg: ExpertsConfig, budget: str) -> dict:
     if budget == "long":
-        return dict(QUICK_EXPERTS, **LONG_EXPERTS["grayscale" if cfg.dataset in GRAYSCALE else "natural"])
+        return dict(QUICK_EXPERTS, **LONG_EXPERTS["grayscale" if grayscale(cfg.dataset) else "natural"])
     if budget != "paper":
         return dict(QUICK_EXPERTS)
     # Experts alone do not know the ipc they will be distilled at: ZCA for CIFAR, as most published rows
@@ -208,7 +211,8 @@ def distill_defaults(cfg: DistillConfig, budget: str, *, experts_model: str, exp
     if budget != "paper":
         if cfg.recipe != "mtt":
             raise ValueError(f"recipe {cfg.recipe}: its published settings are a paper-budget table (--budget paper); "
-                             "under the quick budget set the window (--window-start) and --labels learned yourself")
+                             f"under the {budget} budget set the window (--window-start) and --labels learned "
+                             "yourself")
         table = dict(QUICK_DISTILL, labels=quick_labels(cfg.dataset, cfg.ipc, experts_zca), eval_model=experts_model,
                      **follow)
         if budget == "long" and experts_epochs is not None:  # segments from anywhere along the experts' epochs
