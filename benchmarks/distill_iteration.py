@@ -16,6 +16,9 @@ prints a JSON record with ``"error": "out of memory"`` on stdout.
 ``--engine`` picks the inner-step derivatives: ``eager`` (autograd), ``compiled`` (torch.func under
 torch.compile), or ``best`` (compiled where the package has it: a side-by-side run against an older commit
 times each tree's best). The warm-up iteration, which compiles, is reported apart (``first_iteration_s``).
+
+The process sets up its memory allocator as the package's stages do (``runtime.keep_freed_memory``, where the package
+has it; ``--default-allocator`` leaves glibc's defaults, to measure what that setting alone buys).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import click
 import torch
 
 import kdd_mlflow
-from kdd_mlflow import data, models
+from kdd_mlflow import data, models, runtime
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.distill.experts import flat_parameters
 from kdd_mlflow.distill.mtt import MODES, FlatModel, SyntheticSet, Unroll, mtt_iteration
@@ -92,8 +95,13 @@ def out_of_memory(exc: BaseException, point: str, dev: torch.device) -> dict:
               help="let cuDNN time its convolution algorithms and keep the fastest")
 @click.option("--engine", type=click.Choice(["eager", "compiled", "best"]), default="eager", show_default=True,
               help="inner-step derivatives: autograd, torch.compile, or compiled where the package has it")
+@click.option("--stage-allocator/--default-allocator", default=True, show_default=True,
+              help="set up malloc as the package's stages do (where the package does), or leave glibc's defaults")
 def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment, matching, memory_limit_gib,
-         precision, cudnn_benchmark, engine):
+         precision, cudnn_benchmark, engine, stage_allocator):
+    allocator = "default"
+    if stage_allocator and hasattr(runtime, "keep_freed_memory"):
+        allocator = "keep freed memory" if runtime.keep_freed_memory() else "default"
     if memory_limit_gib is not None:
         cap = int(memory_limit_gib * 2**30)
         resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
@@ -160,7 +168,8 @@ def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment,
         "peak_rss_mib": round(peak_rss_mib(), 1), "rss_growth_mib": round(peak_rss_mib() - baseline, 1),
         "parameters": student.num_params, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.machine(), "package": str(Path(kdd_mlflow.__file__).parent),
-        "precision": precision, "cudnn_benchmark": cudnn_benchmark, "python": sys.version.split()[0],
+        "precision": precision, "cudnn_benchmark": cudnn_benchmark, "allocator": allocator,
+        "python": sys.version.split()[0],
     }
     if dev.type == "cuda":
         result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

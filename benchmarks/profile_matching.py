@@ -27,10 +27,11 @@ from kdd_mlflow import data, models
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.distill import mtt
 from kdd_mlflow.distill.experts import flat_parameters
-from kdd_mlflow.runtime import pick_device
+from kdd_mlflow.runtime import keep_freed_memory, pick_device
 
 # Autograd nodes -> category (a name ending in BackwardBackward0 is the double backward of that layer).
 NODE_KINDS = {"Convolution": "convolution", "NativeGroupNorm": "instance norm", "InstanceNorm": "instance norm",
+              "_InstanceNorm": "instance norm",
               "Relu": "relu / pool / linear / loss", "Threshold": "relu / pool / linear / loss",
               "AvgPool2D": "relu / pool / linear / loss", "Addmm": "relu / pool / linear / loss",
               "Mm": "relu / pool / linear / loss", "LogSoftmax": "relu / pool / linear / loss",
@@ -125,6 +126,7 @@ def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float
 def main(dataset, model, ipc, syn_steps, iterations, matching, device, json_out):
     meta = data.info(dataset)
     dev = pick_device(device)
+    keep_freed_memory()  # as the stages do
     torch.manual_seed(0)
     net = models.create(model, meta.channels, meta.num_classes, meta.image_size).to(dev)
     student = mtt.FlatModel(net)

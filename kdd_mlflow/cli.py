@@ -24,7 +24,7 @@ from kdd_mlflow.config import (
     one_line,
 )
 from kdd_mlflow.data import DataUnavailableError
-from kdd_mlflow.runtime import first_line
+from kdd_mlflow.runtime import first_line, keep_freed_memory
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -124,6 +124,7 @@ def main(verbose: bool) -> None:
     Each command is one stage and one MLflow run; stages hand work on through run ids.
     MLFLOW_TRACKING_URI is respected; otherwise MLflow's local SQLite store is used.
     """
+    keep_freed_memory()  # large tensors reuse freed memory instead of fresh pages (trajectory matching)
     signal.signal(signal.SIGTERM, _terminated)  # a cancelled stage ends its run KILLED, as Ctrl-C does
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

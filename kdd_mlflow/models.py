@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from kdd_mlflow.norm import InstanceNorm
+
 Builder = Callable[..., nn.Module]
 _REGISTRY: list[tuple[re.Pattern[str], Builder, str]] = []
 
@@ -60,10 +62,11 @@ def count_parameters(model: nn.Module) -> int:
 class ConvNet(nn.Module):
     """The ConvNet of the dataset-distillation literature.
 
-    ``depth`` blocks of conv3x3 (``width`` channels) -> instance norm (GroupNorm with one group per
-    channel, affine) -> ReLU -> 2x2 average pool, then a linear classifier. Images smaller than 32
-    pixels get extra padding on the first convolution so the feature map follows the 32x32 path
-    (28x28 MNIST: padding 3, as in the MTT reference), keeping experts and synthetic sets comparable.
+    ``depth`` blocks of conv3x3 (``width`` channels) -> instance norm (GroupNorm with one group per channel,
+    affine; ``norm.InstanceNorm``, whose second derivative is written out for trajectory matching) -> ReLU -> 2x2
+    average pool, then a linear classifier. Images smaller than 32 pixels get extra padding on the first
+    convolution so the feature map follows the 32x32 path (28x28 MNIST: padding 3, as in the MTT reference),
+    keeping experts and synthetic sets comparable.
     """
 
     def __init__(self, channels: int, num_classes: int, image_size: int, width: int = 128, depth: int = 3):
@@ -76,7 +79,7 @@ class ConvNet(nn.Module):
             pad = first_pad if d == 0 else 1
             layers += [
                 nn.Conv2d(in_ch, width, kernel_size=3, padding=pad),
-                nn.GroupNorm(width, width, affine=True),
+                InstanceNorm(width),
                 nn.ReLU(),  # not in place: trajectory matching differentiates through it twice
                 nn.AvgPool2d(2),
             ]

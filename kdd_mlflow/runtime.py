@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import random
+import sys
 
 import numpy as np
 import torch
@@ -25,6 +29,30 @@ def pick_device(preference: str = "auto") -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve large tensors from memory the process already has, instead of mapping fresh pages
+    for each one; returns whether it applied (glibc on Linux only).
+
+    By default every allocation above a threshold (at most 32 MiB) is a new mmap, and each of its pages faults and is
+    zeroed by the kernel on first touch, then returned on free. Trajectory matching allocates and frees tensors of the
+    size of a layer's activations hundreds of times per inner step; on a CPU that paging cost as much as the
+    arithmetic (an element-wise pass over a 52 MB activation took 15 ms instead of 2.4 ms). Heap allocation with a
+    high trim threshold keeps freed blocks for the next tensor. Stages call it once at start.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    applied = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**30))
+    log.debug("malloc keeps freed memory: %s", applied)
+    return applied
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -1,0 +1,94 @@
+"""The ConvNet's instance norm: F.group_norm's values and first and second derivatives, from a written-out formula."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdd_mlflow import models
+from kdd_mlflow.norm import InstanceNorm, instance_norm
+from kdd_mlflow.runtime import keep_freed_memory
+
+
+def inputs(seed: int = 0, shape=(3, 4, 5, 6)):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1
+    weight = torch.randn(shape[1], generator=gen, dtype=torch.float64)
+    bias = torch.randn(shape[1], generator=gen, dtype=torch.float64)
+    return x.requires_grad_(True), weight.requires_grad_(True), bias.requires_grad_(True)
+
+
+def reference(x, weight, bias):
+    return F.group_norm(x, x.shape[1], weight, bias, 1e-5)
+
+
+def test_first_and_second_derivatives_pass_gradcheck():
+    x, weight, bias = inputs()
+    assert torch.autograd.gradcheck(instance_norm, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(instance_norm, (x, weight, bias))
+
+
+@pytest.mark.parametrize("uses", ["all", "dx", "dweight", "dbias", "dweight+dbias"])
+def test_second_derivatives_equal_group_norms(uses):
+    """The double backward of every part of the backward (dx, dweight, dbias, alone or together) equals
+    group_norm's, with respect to x and weight, and the gradient with respect to dy (the unrolled loop's path)."""
+    results = []
+    for fn in (instance_norm, reference):
+        x, weight, bias = inputs(1)
+        upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64,
+                               requires_grad=True)
+        y = fn(x, weight, bias)
+        torch.testing.assert_close(y, reference(x, weight, bias))
+        dx, dweight, dbias = torch.autograd.grad((y * upstream).sum(), (x, weight, bias), create_graph=True)
+        parts = {"dx": (dx.sin() * x.detach()).sum(), "dweight": (dweight ** 2).sum(), "dbias": (dbias ** 3).sum()}
+        chosen = parts.values() if uses == "all" else [parts[p] for p in uses.split("+")]
+        second = torch.autograd.grad(sum(chosen), (x, weight, upstream), allow_unused=True, materialize_grads=True)
+        results.append([*[t.detach() for t in (y, dx, dweight, dbias)], *second])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_func_transforms_give_group_norms_hessian_vector_products():
+    """torch.func.vjp of torch.func.grad (the form the compiled engine uses) through the written-out derivative."""
+    x, weight, bias = (t.detach() for t in inputs(3))
+    probe = torch.randn(x.shape, dtype=torch.float64)
+    lam = torch.randn(weight.shape, dtype=torch.float64)
+    out = []
+    for fn in (instance_norm, reference):
+        def loss(w, xx, fn=fn):
+            return (fn(xx, w, bias).tanh() * probe).sum()
+        _, pullback = torch.func.vjp(torch.func.grad(loss), weight, x)
+        out.append(pullback(lam))
+    for got, want in zip(*out, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_the_module_is_a_groupnorm_with_one_group_per_channel():
+    norm = InstanceNorm(6)
+    assert isinstance(norm, torch.nn.GroupNorm) and norm.num_groups == norm.num_channels == 6
+    assert set(norm.state_dict()) == set(torch.nn.GroupNorm(6, 6).state_dict()) == {"weight", "bias"}
+    convnet = models.create("convnet-w8-d2", 1, 10, 28)
+    assert sum(isinstance(m, InstanceNorm) for m in convnet.modules()) == 2
+
+
+def test_under_bf16_autocast_it_computes_what_group_norm_does():
+    """--precision bf16 training: a bfloat16 activation with float32 parameters, forward and backward."""
+    results = []
+    for fn in (instance_norm, reference):
+        torch.manual_seed(0)
+        x = torch.randn(2, 4, 6, 6).to(torch.bfloat16).requires_grad_(True)
+        weight, bias = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, weight, bias)
+        results.append([y, *torch.autograd.grad(y.float().square().sum(), (x, weight, bias))])
+    for got, want in zip(*results, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+
+
+def test_the_allocator_setting_applies_on_glibc_and_once():
+    import platform
+
+    applied = keep_freed_memory()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied is True
+    assert keep_freed_memory() is applied
