@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kdd_mlflow.norm import InstanceNorm
+from kdd_mlflow.layers import AvgPool2, InstanceNorm, ReLU
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: list[tuple[re.Pattern[str], Builder, str]] = []
@@ -63,10 +63,10 @@ class ConvNet(nn.Module):
     """The ConvNet of the dataset-distillation literature.
 
     ``depth`` blocks of conv3x3 (``width`` channels) -> instance norm (GroupNorm with one group per channel,
-    affine; ``norm.InstanceNorm``, whose second derivative is written out for trajectory matching) -> ReLU -> 2x2
-    average pool, then a linear classifier. Images smaller than 32 pixels get extra padding on the first
-    convolution so the feature map follows the 32x32 path (28x28 MNIST: padding 3, as in the MTT reference),
-    keeping experts and synthetic sets comparable.
+    affine) -> ReLU -> 2x2 average pool, then a linear classifier; the norm and the pool are ``layers``' versions,
+    whose derivatives are cheaper on a CPU where trajectory matching differentiates them twice. Images smaller than
+    32 pixels get extra padding on the first convolution so the feature map follows the 32x32 path (28x28 MNIST:
+    padding 3, as in the MTT reference), keeping experts and synthetic sets comparable.
     """
 
     def __init__(self, channels: int, num_classes: int, image_size: int, width: int = 128, depth: int = 3):
@@ -80,8 +80,8 @@ class ConvNet(nn.Module):
             layers += [
                 nn.Conv2d(in_ch, width, kernel_size=3, padding=pad),
                 InstanceNorm(width),
-                nn.ReLU(),  # not in place: trajectory matching differentiates through it twice
-                nn.AvgPool2d(2),
+                ReLU(),  # not in place: trajectory matching differentiates through it twice
+                AvgPool2(),
             ]
             size = (size + 2 * pad - 2) // 2
             in_ch = width

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kdd_mlflow import models
-from kdd_mlflow.norm import InstanceNorm, instance_norm
+from kdd_mlflow.layers import AvgPool2, InstanceNorm, avg_pool2, instance_norm, relu
 from kdd_mlflow.runtime import keep_freed_memory
 
 
@@ -83,6 +83,38 @@ def test_under_bf16_autocast_it_computes_what_group_norm_does():
     for got, want in zip(*results, strict=True):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want)
+
+
+def test_pooling_and_its_derivatives_equal_avg_pool2d():
+    x = torch.randn(3, 4, 6, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(avg_pool2, (x,))
+    assert torch.autograd.gradgradcheck(avg_pool2, (x,))
+    results = []
+    for fn in (avg_pool2, lambda t: F.avg_pool2d(t, 2)):
+        y = fn(x * x)  # a non-linear input, so the second derivative reaches the pool's backward
+        (dx,) = torch.autograd.grad(y.sin().sum(), x, create_graph=True)
+        results.append([y, dx, *torch.autograd.grad((dx * dx).sum(), x)])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_relu_and_its_derivatives_equal_f_relu():
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(relu, (x,))
+    results = []
+    for fn in (relu, F.relu):
+        y = fn(x * x.sum(1, keepdim=True))
+        (dx,) = torch.autograd.grad(y.sin().sum(), x, create_graph=True)
+        results.append([y, dx, *torch.autograd.grad((dx * dx).sum(), x)])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_pool_module_falls_back_on_odd_sides():
+    pool = AvgPool2()
+    for shape in [(2, 3, 8, 8), (2, 3, 7, 8), (2, 3, 5, 5)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        torch.testing.assert_close(pool(x), F.avg_pool2d(x, 2))
 
 
 def test_the_allocator_setting_applies_on_glibc_and_once():
