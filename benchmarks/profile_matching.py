@@ -32,7 +32,7 @@ from kdd_mlflow.runtime import keep_freed_memory, pick_device
 # Autograd nodes -> category (a name ending in BackwardBackward0 is the double backward of that layer).
 NODE_KINDS = {"Convolution": "convolution", "NativeGroupNorm": "instance norm", "InstanceNorm": "instance norm",
               "_InstanceNorm": "instance norm", "_Pool2": "relu / pool / linear / loss",
-              "_Spread2": "relu / pool / linear / loss",
+              "_Spread2": "relu / pool / linear / loss", "_ReLU": "relu / pool / linear / loss",
               "Relu": "relu / pool / linear / loss", "Threshold": "relu / pool / linear / loss",
               "AvgPool2D": "relu / pool / linear / loss", "Addmm": "relu / pool / linear / loss",
               "Mm": "relu / pool / linear / loss", "LogSoftmax": "relu / pool / linear / loss",
@@ -73,8 +73,9 @@ def labelled_forward():
     wrap(nn.GroupNorm, "forward", "instance norm")
     if hasattr(models, "InstanceNorm"):
         wrap(models.InstanceNorm, "forward", "instance norm")
-    if hasattr(models, "AvgPool2"):
-        wrap(models.AvgPool2, "forward", "relu / pool / linear / loss")
+    for layer in ("AvgPool2", "ReLU"):  # the package's own layers, where it has them
+        if hasattr(models, layer):
+            wrap(getattr(models, layer), "forward", "relu / pool / linear / loss")
     for layer in (nn.ReLU, nn.AvgPool2d, nn.Linear):
         wrap(layer, "forward", "relu / pool / linear / loss")
     wrap(torch.nn.functional, "cross_entropy", "relu / pool / linear / loss")

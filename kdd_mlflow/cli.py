@@ -124,12 +124,12 @@ def main(verbose: bool) -> None:
     Each command is one stage and one MLflow run; stages hand work on through run ids.
     MLFLOW_TRACKING_URI is respected; otherwise MLflow's local SQLite store is used.
     """
-    keep_freed_memory()  # large tensors reuse freed memory instead of fresh pages (trajectory matching)
     signal.signal(signal.SIGTERM, _terminated)  # a cancelled stage ends its run KILLED, as Ctrl-C does
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    keep_freed_memory()  # large tensors reuse freed memory instead of fresh pages (trajectory matching)
     for noisy in ("alembic", "mlflow.store", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -5,7 +5,7 @@ the adjoint's Hessian-vector product), so every layer's backward is itself diffe
 switches to a composite formula once a backward must carry a graph, and differentiating that composite costs dozens
 of full-size element-wise passes per layer and step. Here the first backward is the native fused kernel, and its
 derivative is written out. Per (sample, channel) group of M values, with x^ = (x - mean) r,
-r = 1 / sqrt(var + eps), a = gamma dy, and P(t) = t - mean(t) - x^ mean(t x^) (the projection every instance-norm
+r = 1 / sqrt(var + eps), a = gamma dy, and P(t) = t - mean(t) - x^ mean(t x^) (the symmetric map every instance-norm
 derivative goes through):
 
     backward:  dx = r P(a),  dgamma = sum dy x^,  dbeta = sum dy
@@ -23,8 +23,8 @@ first and second derivatives against it, and gradgradcheck, in float64).
 **2x2 average pooling.** On a CPU, ``avg_pool2d`` and its backward over contiguous (NCHW) activations run 2.5-3x
 slower than adding the four strided quarter-images and spreading a gradient with a depthwise transposed
 convolution. The pool P and its adjoint P^T (each value spread over its block, times 1/4) are each other's backward,
-so every derivative order uses the fast pair. The values equal ``avg_pool2d``'s up to the order of the four
-additions.
+so every derivative order uses the fast pair. The values equal ``avg_pool2d``'s up to rounding: the four values
+are added in another order (in bfloat16, with three roundings where ``avg_pool2d`` accumulates in float32).
 
 **ReLU.** Differentiated twice, ``threshold_backward`` gives its activation input a gradient that is zero by
 definition, which autograd materialises as a full-size tensor of zeros and adds in every inner step. Here the
@@ -32,6 +32,8 @@ backward's own backward gives that input nothing.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +43,7 @@ aten = torch.ops.aten
 
 
 def _groups(x: torch.Tensor) -> tuple[int, int, int]:
-    n, c = x.shape[:2]
-    return n, c, x[0, 0].numel() if n else 0
+    return x.shape[0], x.shape[1], math.prod(x.shape[2:])
 
 
 class _InstanceNorm(torch.autograd.Function):
@@ -75,6 +76,7 @@ class _InstanceNormBackward(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         dy, x, weight, mean, rstd = inputs
         ctx.save_for_backward(dy, x, weight, mean, rstd)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
 
     @staticmethod
     def backward(ctx, u, v, w):
@@ -154,6 +156,8 @@ class _Spread2(torch.autograd.Function):
 
 def avg_pool2(x: torch.Tensor) -> torch.Tensor:
     """``F.avg_pool2d(x, 2)`` for even heights and widths, with the fast pool and spread as each other's backward."""
+    if x.dim() != 4 or x.shape[2] % 2 or x.shape[3] % 2:
+        raise ValueError(f"avg_pool2 needs (N, C, H, W) with even H and W, got {tuple(x.shape)}; use F.avg_pool2d")
     return _Pool2.apply(x)
 
 
@@ -205,7 +209,7 @@ def relu(x: torch.Tensor) -> torch.Tensor:
 
 
 class ReLU(nn.ReLU):
-    """``nn.ReLU()``, computed by ``relu``."""
+    """``nn.ReLU()``, computed by ``relu`` (never in place: trajectory matching differentiates through it twice)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) if torch.compiler.is_compiling() else relu(x)
@@ -218,6 +222,10 @@ class InstanceNorm(nn.GroupNorm):
         super().__init__(channels, channels, eps=eps, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # the compiler derives and fuses the composite itself (and does not trace
-            return super().forward(x)      # a custom function's backward inside torch.func transforms correctly)
+        # Under torch.compile the compiler derives and fuses the composite itself (and does not trace a custom
+        # function's backward inside torch.func transforms correctly). Under autocast, or with an activation in
+        # another precision than the parameters (bf16 training), group_norm's own casting rules apply: the written-out
+        # second derivative is float arithmetic for trajectory matching, which runs in the parameters' precision.
+        if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) or x.dtype != self.weight.dtype:
+            return super().forward(x)
         return instance_norm(x, self.weight, self.bias, self.eps)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import logging
 import random
@@ -40,19 +39,20 @@ def keep_freed_memory() -> bool:
     zeroed by the kernel on first touch, then returned on free. Trajectory matching allocates and frees tensors of the
     size of a layer's activations hundreds of times per inner step; on a CPU that paging cost as much as the
     arithmetic (an element-wise pass over a 52 MB activation took 15 ms instead of 2.4 ms). Heap allocation with a
-    high trim threshold keeps freed blocks for the next tensor. Stages call it once at start.
+    high trim threshold keeps freed blocks for the next tensor. Every ``kdd`` command calls it once at start; it is
+    process-wide and cannot be undone, and the memory a process holds no longer shrinks after its peak.
     """
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl has no mallopt)
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on
+    except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_max = -1, -4
-    applied = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**30))
-    log.debug("malloc keeps freed memory: %s", applied)
-    return applied
+    # glibc returns 1 for each accepted setting; other C libraries lack mallopt or accept neither (musl's returns 0)
+    applied = [bool(mallopt(m_trim_threshold, 2**30)), bool(mallopt(m_mmap_max, 0))]
+    log.debug("malloc keeps freed memory: %s", all(applied))
+    return all(applied)
 
 
 def seed_everything(seed: int) -> torch.Generator:

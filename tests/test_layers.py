@@ -1,4 +1,5 @@
-"""The ConvNet's instance norm: F.group_norm's values and first and second derivatives, from a written-out formula."""
+"""The ConvNet's layers (kdd_mlflow/layers.py): the torch functions' values and first and second derivatives, and the
+allocator setting the stages start with."""
 
 import pytest
 import torch
@@ -70,19 +71,27 @@ def test_the_module_is_a_groupnorm_with_one_group_per_channel():
     assert sum(isinstance(m, InstanceNorm) for m in convnet.modules()) == 2
 
 
-def test_under_bf16_autocast_it_computes_what_group_norm_does():
-    """--precision bf16 training: a bfloat16 activation with float32 parameters, forward and backward."""
+def test_under_bf16_autocast_the_module_computes_what_group_norm_does():
+    """--precision bf16 training: a bfloat16 activation with float32 parameters, to the second derivative."""
     results = []
-    for fn in (instance_norm, reference):
+    for norm in (InstanceNorm(4), torch.nn.GroupNorm(4, 4)):
         torch.manual_seed(0)
+        torch.nn.init.normal_(norm.weight)
         x = torch.randn(2, 4, 6, 6).to(torch.bfloat16).requires_grad_(True)
-        weight, bias = torch.randn(4, requires_grad=True), torch.randn(4, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = fn(x, weight, bias)
-        results.append([y, *torch.autograd.grad(y.float().square().sum(), (x, weight, bias))])
+            y = norm(x)
+        dx, dw = torch.autograd.grad(y.float().square().sum(), (x, norm.weight), create_graph=True)
+        results.append([y, dx, dw, *torch.autograd.grad(dx.float().square().sum() + dw.sum(), (x, norm.weight))])
     for got, want in zip(*results, strict=True):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want)
+
+
+def test_an_empty_batch_normalises_to_an_empty_batch():
+    x, weight, bias = inputs(4, shape=(0, 4, 5, 6))
+    y = instance_norm(x, weight, bias)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, reference(x, weight, bias))
 
 
 def test_pooling_and_its_derivatives_equal_avg_pool2d():
@@ -110,14 +119,17 @@ def test_relu_and_its_derivatives_equal_f_relu():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_the_pool_module_falls_back_on_odd_sides():
+def test_the_pool_module_falls_back_on_odd_sides_and_the_function_refuses_them():
     pool = AvgPool2()
     for shape in [(2, 3, 8, 8), (2, 3, 7, 8), (2, 3, 5, 5)]:
         x = torch.randn(shape, dtype=torch.float64)
         torch.testing.assert_close(pool(x), F.avg_pool2d(x, 2))
+    with pytest.raises(ValueError, match="even H and W"):
+        avg_pool2(torch.randn(2, 3, 7, 8))
 
 
 def test_the_allocator_setting_applies_on_glibc_and_once():
+    """(It changes this test process's malloc for the tests after it, as it does each stage's process.)"""
     import platform
 
     applied = keep_freed_memory()

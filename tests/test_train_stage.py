@@ -95,7 +95,9 @@ def test_train_stage_logs_run_and_model_round_trips(fake_fashion):
     x = real.test.images[:16]
     with torch.no_grad():
         ours.eval()
-        assert torch.equal(ours(x), logged(x))
+        # the exported (pt2) graph runs torch's own avg_pool2d, which adds a block's four values in another order
+        # than the ConvNet's pooling (kdd_mlflow/layers.py): the same network to float32 rounding
+        torch.testing.assert_close(ours(x), logged(x), rtol=1e-5, atol=1e-6)
     # the MLflow model's environment pins what loading it needs, at this environment's versions
     requirements = mlflow.artifacts.load_text(f"runs:/{run_id}/model/requirements.txt").split()
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements
