@@ -40,7 +40,8 @@ def keep_freed_memory() -> bool:
     size of a layer's activations hundreds of times per inner step; on a CPU that paging cost as much as the
     arithmetic (an element-wise pass over a 52 MB activation took 15 ms instead of 2.4 ms). Heap allocation with a
     high trim threshold keeps freed blocks for the next tensor. Every ``kdd`` command calls it once at start; it is
-    process-wide and cannot be undone, and the memory a process holds no longer shrinks after its peak.
+    process-wide and cannot be undone, and the memory a process holds shrinks only when more than 1 GiB lies free at
+    the top of its heap.
     """
     if not sys.platform.startswith("linux"):
         return False
