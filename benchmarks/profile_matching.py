@@ -71,11 +71,11 @@ def labelled_forward():
     wrap(DSA, "apply", "DSA")
     wrap(nn.Conv2d, "forward", "convolution")
     wrap(nn.GroupNorm, "forward", "instance norm")
-    if hasattr(models, "InstanceNorm"):
-        wrap(models.InstanceNorm, "forward", "instance norm")
-    for layer in ("AvgPool2", "ReLU"):  # the package's own layers, where it has them
+    package_layers = {"InstanceNorm": "instance norm", "AvgPool2": "relu / pool / linear / loss",
+                      "ReLU": "relu / pool / linear / loss"}
+    for layer, label in package_layers.items():  # the package's own layers, where it has them
         if hasattr(models, layer):
-            wrap(getattr(models, layer), "forward", "relu / pool / linear / loss")
+            wrap(getattr(models, layer), "forward", label)
     for layer in (nn.ReLU, nn.AvgPool2d, nn.Linear):
         wrap(layer, "forward", "relu / pool / linear / loss")
     wrap(torch.nn.functional, "cross_entropy", "relu / pool / linear / loss")
