@@ -158,12 +158,14 @@ def test_the_long_budget_trains_longer_experts_and_matches_along_them(dataset, e
     cfg = DistillConfig(experts_run="e", budget="long", dataset=dataset, ipc=10)
     distill = budgets.resolve(cfg, "cpu", experts_model="convnet-w32", experts_zca=False, experts_lr=lr,
                               experts_epochs=epochs)
-    assert distill.budget == "long" and distill.cfg.max_start_epoch == epochs - 2 and distill.cfg.iterations == 100
+    assert distill.budget == "long" and distill.cfg.max_start_epoch == epochs - 2
+    assert (distill.cfg.iterations, distill.cfg.eval_every, distill.cfg.eval_epochs) == (200, 100, 200)
     given = budgets.resolve(cfg.model_copy(update={"max_start_epoch": 5}), "cpu", experts_model="convnet-w32",
                             experts_zca=False, experts_epochs=epochs)
     assert given.cfg.max_start_epoch == 5
     quick = budgets.resolve(cfg.model_copy(update={"budget": "quick"}), "cpu", experts_model="convnet-w32",
                             experts_zca=False, experts_epochs=epochs)
     assert quick.cfg.max_start_epoch == 4  # the quick budget keeps its own bound
+    assert (quick.cfg.iterations, quick.cfg.eval_every) == (100, 50)
     # teacher and KD arms train as under the quick budget
     assert budgets.resolve(TeacherConfig(budget="long"), "cpu").cfg.epochs == 3
