@@ -117,8 +117,9 @@ def one_line(error: ValidationError) -> str:
 
 
 Budget = Literal["auto", "quick", "long", "paper"]
-BUDGET_HELP = ("quick (CPU minutes: the main job in 10), long (CPU: longer experts, a better set in about 10 minutes "
-               "of experts + distill), paper (published settings), auto (paper on a GPU, else quick)")
+BUDGET_HELP = ("quick (CPU minutes: the main job in 10), long (CPU: longer experts and twice the iterations, a better "
+               "set for 10-16 minutes of experts + distill), paper (published settings), auto (paper on a GPU, else "
+               "quick)")
 
 
 def parse_shard(shard: str | None, num_experts: int) -> list[int]:
