@@ -118,8 +118,8 @@ def one_line(error: ValidationError) -> str:
 
 Budget = Literal["auto", "quick", "long", "paper"]
 BUDGET_HELP = ("quick (CPU minutes: the main job in 10), long (CPU: longer experts and twice the iterations, a better "
-               "set for 10-16 minutes of experts + distill), paper (published settings), auto (paper on a GPU, else "
-               "quick)")
+               "set for 12-16 minutes of experts + distill on 2 cores), paper (published settings), auto (paper on a "
+               "GPU, else quick)")
 
 
 def parse_shard(shard: str | None, num_experts: int) -> list[int]:
