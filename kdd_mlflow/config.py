@@ -118,7 +118,7 @@ def one_line(error: ValidationError) -> str:
 
 Budget = Literal["auto", "quick", "long", "paper"]
 BUDGET_HELP = ("quick (CPU minutes: the main job in 10), long (CPU: longer experts and twice the iterations, a better "
-               "set for 12-16 minutes of experts + distill on 2 cores), paper (published settings), auto (paper on a "
+               "set for 12-18 minutes of experts + distill on 2 cores), paper (published settings), auto (paper on a "
                "GPU, else quick)")
 
 
