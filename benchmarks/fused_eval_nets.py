@@ -44,20 +44,17 @@ class Grouped(nn.Module):
         layers: list[nn.Module] = []
         for i, layer in enumerate(nets[0].features):
             if isinstance(layer, nn.Conv2d):
-                conv = nn.Conv2d(k * layer.in_channels, k * layer.out_channels, layer.kernel_size,
-                                 padding=layer.padding, groups=k)
-                with torch.no_grad():
-                    conv.weight.copy_(torch.cat([n.features[i].weight for n in nets]))
-                    conv.bias.copy_(torch.cat([n.features[i].bias for n in nets]))
-                layers.append(conv)
+                fused = nn.Conv2d(k * layer.in_channels, k * layer.out_channels, layer.kernel_size,
+                                  padding=layer.padding, groups=k)
             elif isinstance(layer, nn.GroupNorm):
-                norm = InstanceNorm(k * layer.num_channels, eps=layer.eps)
-                with torch.no_grad():
-                    norm.weight.copy_(torch.cat([n.features[i].weight for n in nets]))
-                    norm.bias.copy_(torch.cat([n.features[i].bias for n in nets]))
-                layers.append(norm)
-            else:
+                fused = InstanceNorm(k * layer.num_channels, eps=layer.eps)
+            else:  # ReLU, pooling: no parameters
                 layers.append(type(layer)())
+                continue
+            with torch.no_grad():  # network k's parameters in group k
+                fused.weight.copy_(torch.cat([n.features[i].weight for n in nets]))
+                fused.bias.copy_(torch.cat([n.features[i].bias for n in nets]))
+            layers.append(fused)
         self.features = nn.Sequential(*layers)
         self.k = k
         self.weight = nn.Parameter(torch.stack([n.classifier.weight.detach() for n in nets]))  # K, classes, F
