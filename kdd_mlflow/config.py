@@ -143,7 +143,8 @@ class ExpertsConfig(TrainingConfig):
     model: str | None = Field(None, description="expert architecture (quick: convnet-w32, paper: convnet)")
     num_experts: int | None = Field(None, ge=1, description="experts to train (quick: 3, paper: 100)")
     epochs: int | None = Field(None, ge=1, description="epochs per expert (quick: 6, paper: 50)")
-    lr_teacher: float | None = Field(None, gt=0, description="expert SGD learning rate (0.01)")
+    lr_teacher: float | None = Field(None, gt=0, description="expert SGD learning rate (paper 0.01; quick and long: "
+                                    "0.1 on grayscale sets, 0.01 on natural images)")
     batch_size: int = Field(256, ge=1, description="expert mini-batch size")
     momentum: float = Field(0.0, ge=0, lt=1, description="expert SGD momentum (0, as the reference)")
     weight_decay: float = Field(0.0, ge=0, description="expert weight decay (0, as the reference)")

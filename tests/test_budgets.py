@@ -15,6 +15,9 @@ def test_experts_budgets():
     assert quick.budget == "quick" and "model" not in quick.filled
     assert (quick.cfg.model, quick.cfg.num_experts, quick.cfg.epochs, quick.cfg.train_limit, quick.cfg.zca) == \
         ("convnet-w8", 3, 6, 10000, False)
+    assert quick.cfg.lr_teacher == 0.01  # natural images keep MTT's rate
+    for gray in ("fashion-mnist", "mnist"):  # digits and clothes train their experts at 0.1
+        assert budgets.resolve(ExpertsConfig(dataset=gray), "cpu").cfg.lr_teacher == 0.1
 
 
 def test_teacher_budget_follows_its_training_set():

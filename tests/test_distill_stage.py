@@ -41,7 +41,7 @@ def test_experts_then_distill_end_to_end(fake_fashion):
     assert manifest["model"] == "convnet-w8" and manifest["epochs"] == 3 and len(manifest["experts"]) == 2
     assert all(0 <= e["test_acc"] <= 1 for e in manifest["experts"])
     params = mlflow.get_run(experts_run).data.params
-    assert params["budget.resolved"] == "quick" and params["budget.lr_teacher"] == "0.01"
+    assert params["budget.resolved"] == "quick" and params["budget.lr_teacher"] == "0.1"  # grayscale
     assert params["dsa_strategy"] == "color_crop_cutout_flip_scale_rotate"  # clothes: every group
 
     run_id = distill_stage.run(distill_config(fake_fashion, experts_run))
@@ -210,7 +210,7 @@ def test_mlflow_run_experts_then_distill(fake_fashion, tmp_path):
     assert run.info.status == "FINISHED" and run.data.params["syn_steps"] == "2"
     assert run.data.params["budget.lr_img"] == "100.0" and "test_acc_mean" in run.data.metrics
     params = mlflow.get_run(experts_run).data.params
-    assert "budget.model" not in params and params["model"] == "convnet-w8" and params["budget.lr_teacher"] == "0.01"
+    assert "budget.model" not in params and params["model"] == "convnet-w8" and params["budget.lr_teacher"] == "0.1"
 
 
 def test_learned_soft_labels_and_the_window_in_one_run(fake_fashion):
