@@ -3,8 +3,10 @@
     MLFLOW_TRACKING_URI=sqlite:///quality.db python benchmarks/quality_table.py --dataset fashion-mnist \
         --ipc 1,10 --labels hard,learned --seeds 0,1,2 --out benchmarks/results/quality_fashion-mnist_cpu.json
 
-One experts run per dataset (``kdd experts``, the budget's settings; or ``--experts-run``), then one ``kdd distill``
-per (ipc, labels, seed) on those experts, each a fresh process, one after another. Each distill run tests its set
+One experts run per dataset (``kdd experts``, the budget's settings, with the learning rate a pipeline would give
+them for that ipc: one more experts run where that differs, e.g. a grayscale set at one image per class; or
+``--experts-run`` for every ipc), then one ``kdd distill`` per (ipc, labels, seed) on those experts, each a fresh
+process, one after another. Each distill run tests its set
 on 3 networks and measures random real subsets of the same size under the same protocol (and, for soft or learned
 labels, the same subsets labelled by the expert that labelled the set); a cell of the table is the mean +- std over
 seeds of those per-run means. Options after ``--`` go to every ``kdd distill`` (e.g. ``-- --iterations 300``).
@@ -28,6 +30,7 @@ import click
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from kdd_mlflow import budgets
 from kdd_mlflow.distill.evaluate import mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,18 +112,27 @@ def main(dataset: str, data_dir: str | None, ipcs: str, label_kinds: str, seeds:
     suffix = " ".join(distill_args)
     started = time.perf_counter()
 
-    if experts_run is None:
-        experts_run = tagged("kdd.quality_experts", dataset)
-    if experts_run is None:
-        click.echo(f"{dataset}: training experts", err=True)
-        experts_run = kdd(["experts", "--dataset", dataset, *data_args], log)
-        client.set_tag(experts_run, "kdd.quality_experts", dataset)
-    experts_s = wall_s(client, experts_run)
-    click.echo(f"{dataset}: experts run {experts_run} ({experts_s:.0f} s)", err=True)
+    args = list(distill_args)
+    budget = args[args.index("--budget") + 1] if "--budget" in args[:-1] else "quick"
+    experts_runs: dict[int, str] = {}
+    for ipc in ipc_list:  # as a pipeline would train them for this ipc
+        lr = budgets.experts_lr(budget, dataset, ipc)
+        key = dataset if lr is None else f"{dataset}/lr_teacher={lr}"
+        run = experts_run or tagged("kdd.quality_experts", key)
+        if run is None:
+            click.echo(f"{key}: training experts", err=True)
+            given = ["--budget", budget] if budget != "quick" else []
+            given += [] if lr is None else ["--lr-teacher", str(lr)]
+            run = kdd(["experts", "--dataset", dataset, *data_args, *given], log)
+            client.set_tag(run, "kdd.quality_experts", key)
+        experts_runs[ipc] = run
+        click.echo(f"{key}: experts run {run} ({wall_s(client, run):.0f} s)", err=True)
+    experts_s = {run: wall_s(client, run) for run in experts_runs.values()}
 
     rows = []
     cells = [(ipc, kind, seed) for ipc in ipc_list for kind in kinds for seed in seed_list]
     for n, (ipc, kind, seed) in enumerate(cells, 1):
+        experts_run = experts_runs[ipc]
         name = f"{dataset}/ipc{ipc}/{kind}/seed{seed}/{experts_run}/{suffix}"
         run_id = tagged("kdd.quality_cell", name)
         if run_id is None:
@@ -129,7 +141,8 @@ def main(dataset: str, data_dir: str | None, ipcs: str, label_kinds: str, seeds:
                           str(ipc), "--labels", kind, "--seed", str(seed), *distill_args], log)
             client.set_tag(run_id, "kdd.quality_cell", name)
         metrics = client.get_run(run_id).data.metrics
-        row = {"ipc": ipc, "labels": kind, "seed": seed, "run_id": run_id, "wall_s": wall_s(client, run_id),
+        row = {"ipc": ipc, "labels": kind, "seed": seed, "run_id": run_id, "experts_run": experts_run,
+               "wall_s": wall_s(client, run_id),
                **{k: metrics[k] for k in METRICS if k in metrics}}
         rows.append(row)
         click.echo(f"[{n}/{len(cells)}] {dataset} ipc {ipc}, {kind}, seed {seed}: set {row['test_acc_mean']:.4f}, "
@@ -149,12 +162,13 @@ def main(dataset: str, data_dir: str | None, ipcs: str, label_kinds: str, seeds:
                   for key in TABLE_KEYS),
                 f"{statistics.fmean(r['wall_s'] for r in runs):.0f}", *pub]) + " |")
     table = "\n".join(lines)
-    click.echo(f"{dataset}: experts {experts_s:.0f} s (one run for every cell); seeds {seed_list}; "
+    spent = ", ".join(f"{run} {sec:.0f} s" for run, sec in experts_s.items())
+    click.echo(f"{dataset}: experts {spent} (ipc -> run: {experts_runs}); seeds {seed_list}; "
                f"test accuracy (%), mean +- std over seeds of each run's 3-network mean\n{table}")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({
-            "dataset": dataset, "experts_run": experts_run, "experts_s": experts_s, "distill_args": list(distill_args),
+            "dataset": dataset, "experts_runs": experts_runs, "experts_s": experts_s, "distill_args": args,
             "seeds": seed_list, "runs": rows, "published_percent": published, "table": table,
             "this_invocation_s": time.perf_counter() - started}, indent=1) + "\n")
 

@@ -204,11 +204,13 @@ def stage_common(cfg: PipelineConfig, budget: str) -> dict[str, object]:
 
 
 def experts_params(cfg: PipelineConfig, budget: str, ipc: int) -> dict[str, object]:
-    """The experts stage's parameters for a synthetic set of ``ipc`` images per class (the seed aside):
-    under the paper budget, the ZCA flag of the published row (of the distill recipe the overrides ask for), which
-    the experts alone cannot know."""
+    """The experts stage's parameters for a synthetic set of ``ipc`` images per class (the seed aside), which the
+    experts alone cannot know: under the paper budget, the ZCA flag of the published row (of the distill recipe the
+    overrides ask for); under the CPU budgets, the learning rate for a one-image-per-class grayscale set."""
     recipe = cfg.override_map.get("distill", {}).get("recipe", "mtt")
-    return {**stage_common(cfg, budget), "zca": budgets.experts_zca(budget, cfg.dataset, ipc, recipe)}
+    lr = budgets.experts_lr(budget, cfg.dataset, ipc)
+    return {**stage_common(cfg, budget), "zca": budgets.experts_zca(budget, cfg.dataset, ipc, recipe),
+            **({} if lr is None else {"lr_teacher": lr})}
 
 
 def selected_with_needs(names: list[str]) -> list[str]:

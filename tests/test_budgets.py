@@ -66,6 +66,22 @@ def test_paper_experts_of_combined_and_tune_follow_their_rows_zca(dataset, ipc, 
         assert budgets.resolve(experts, "cuda").cfg.zca is zca
 
 
+@pytest.mark.parametrize("budget", ["quick", "long"])
+def test_one_image_per_class_of_a_grayscale_set_gets_experts_at_mtts_rate(budget):
+    def lr(dataset: str, ipc: int) -> float:
+        params = pipeline.experts_params(CombinedConfig(dataset=dataset, ipc=ipc), budget, ipc)
+        experts = ExpertsConfig(**{k: v for k, v in params.items() if v is not None})
+        return budgets.resolve(experts, "cpu").cfg.lr_teacher
+
+    assert (lr("fashion-mnist", 1), lr("fashion-mnist", 10), lr("mnist", 1), lr("mnist", 50)) == (0.01, 0.1, 0.01, 0.1)
+    assert lr("cifar10", 1) == lr("cifar10", 10) == 0.01
+    space = tune.experts_params(TuneConfig(dataset="fashion-mnist", ipc="1:10", n_trials=1), budget)
+    assert {n: params.get("lr_teacher") for n, params in space.items() if n < 3} == {1: 0.01, 2: None}
+    given = pipeline.experts_params(CombinedConfig(dataset="fashion-mnist", ipc=1, overrides="experts.lr_teacher=0.05"),
+                                    budget, 1)
+    assert given["lr_teacher"] == 0.01  # the pipeline's own value; the runner lays the user's overrides on top
+
+
 def test_a_tuning_space_across_rows_that_whiten_differently_needs_two_experts_runs():
     def distinct(budget: str) -> int:
         space = tune.experts_params(TuneConfig(dataset="cifar10", ipc="1:50", n_trials=1), budget)
