@@ -116,7 +116,7 @@ def main(dataset: str, data_dir: str | None, ipcs: str, label_kinds: str, seeds:
     budget = args[args.index("--budget") + 1] if "--budget" in args[:-1] else "quick"
     experts_runs: dict[int, str] = {}
     for ipc in ipc_list:  # as a pipeline would train them for this ipc
-        lr = budgets.experts_lr(budget, dataset, ipc)
+        lr = budgets.experts_lr_for_ipc(budget, dataset, ipc)
         key = dataset if lr is None else f"{dataset}/lr_teacher={lr}"
         run = experts_run or tagged("kdd.quality_experts", key)
         if run is None:

@@ -93,7 +93,7 @@ QUICK_EXPERTS = dict(model="convnet-w32", num_experts=3, epochs=6, train_limit=1
 EXPERTS_LR = {"grayscale": 1e-1, "natural": 1e-2}
 # except for one image per class: there the set inherits the experts' rate as its step size, ten images do not bear
 # 0.1, and the grayscale quick set lost 3-5 points of validation accuracy from experts at 0.1 (three seeds, hard
-# and learned labels). Experts alone do not know the ipc; a pipeline does and passes this (experts_lr).
+# and learned labels). Experts alone do not know the ipc; a pipeline does and passes this (experts_lr_for_ipc).
 SMALL_SET_EXPERTS_LR = 1e-2
 QUICK_DISTILL = dict(syn_steps=10, expert_epochs=2, max_start_epoch=4, lr_img=1e2, lr_lr=1e-5, lr_teacher=1e-2,
                      batch_syn=None, iterations=100, eval_every=50, num_eval=3, eval_epochs=200,
@@ -175,7 +175,7 @@ def experts_zca(budget: str, dataset: str, ipc: int, recipe: str = "mtt") -> boo
     return paper_distill_row(dataset, ipc, recipe)[1]["zca"] if budget == "paper" else None
 
 
-def experts_lr(budget: str, dataset: str, ipc: int) -> float | None:
+def experts_lr_for_ipc(budget: str, dataset: str, ipc: int) -> float | None:
     """The expert learning rate a pipeline gives its experts for distilling ``ipc`` images per class, where it is not
     what the experts' budget would choose alone: MTT's 0.01 for one image per class on the grayscale sets under the
     CPU budgets; None elsewhere (the experts' budget decides)."""
@@ -236,6 +236,11 @@ def distill_defaults(cfg: DistillConfig, budget: str, *, experts_model: str, exp
                              "yourself")
         table = dict(QUICK_DISTILL, labels=quick_labels(cfg.dataset, cfg.ipc, experts_zca), eval_model=experts_model,
                      **follow)
+        wanted = experts_lr_for_ipc(budget, cfg.dataset, cfg.ipc)
+        if wanted is not None and experts_lr not in (None, wanted) and cfg.lr_teacher is None:
+            log.warning("the experts trained at %g; for %s at ipc %d the %s budget trains them at %g (a pipeline does; "
+                        "kdd experts --lr-teacher %g to follow it)", experts_lr, cfg.dataset, cfg.ipc, budget,
+                        wanted, wanted)
         if budget == "long":
             table.update(LONG_DISTILL)
             if experts_epochs is not None:  # segments from anywhere along the experts' epochs

@@ -208,7 +208,7 @@ def experts_params(cfg: PipelineConfig, budget: str, ipc: int) -> dict[str, obje
     experts alone cannot know: under the paper budget, the ZCA flag of the published row (of the distill recipe the
     overrides ask for); under the CPU budgets, the learning rate for a one-image-per-class grayscale set."""
     recipe = cfg.override_map.get("distill", {}).get("recipe", "mtt")
-    lr = budgets.experts_lr(budget, cfg.dataset, ipc)
+    lr = budgets.experts_lr_for_ipc(budget, cfg.dataset, ipc)
     return {**stage_common(cfg, budget), "zca": budgets.experts_zca(budget, cfg.dataset, ipc, recipe),
             **({} if lr is None else {"lr_teacher": lr})}
 

@@ -82,6 +82,20 @@ def test_one_image_per_class_of_a_grayscale_set_gets_experts_at_mtts_rate(budget
     assert given["lr_teacher"] == 0.01  # the pipeline's own value; the runner lays the user's overrides on top
 
 
+def test_distilling_one_grayscale_image_per_class_from_fast_experts_warns(caplog):
+    cfg = DistillConfig(dataset="fashion-mnist", experts_run="x", budget="quick", ipc=1)
+    with caplog.at_level(logging.WARNING, logger="kdd_mlflow.budgets"):
+        resolved = budgets.resolve(cfg, "cpu", experts_model="convnet-w32", experts_zca=False, experts_lr=0.1)
+    assert resolved.cfg.lr_teacher == 0.1  # still the experts' rate: the set is distilled from what was trained
+    assert "the experts trained at 0.1; for fashion-mnist at ipc 1 the quick budget trains them at 0.01" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdd_mlflow.budgets"):
+        budgets.resolve(cfg, "cpu", experts_model="convnet-w32", experts_zca=False, experts_lr=0.01)
+        budgets.resolve(cfg.model_copy(update={"ipc": 10}), "cpu", experts_model="convnet-w32", experts_zca=False,
+                        experts_lr=0.1)
+    assert not caplog.records
+
+
 def test_a_tuning_space_across_rows_that_whiten_differently_needs_two_experts_runs():
     def distinct(budget: str) -> int:
         space = tune.experts_params(TuneConfig(dataset="cifar10", ipc="1:50", n_trials=1), budget)
