@@ -115,6 +115,7 @@ def main(dataset: str, data_dir: str | None, ipcs: str, label_kinds: str, seeds:
     args = list(distill_args)
     budget = args[args.index("--budget") + 1] if "--budget" in args[:-1] else "quick"
     experts_runs: dict[int, str] = {}
+    experts_s: dict[str, float] = {}
     for ipc in ipc_list:  # as a pipeline would train them for this ipc
         lr = budgets.experts_lr_for_ipc(budget, dataset, ipc)
         key = dataset if lr is None else f"{dataset}/lr_teacher={lr}"
@@ -126,8 +127,8 @@ def main(dataset: str, data_dir: str | None, ipcs: str, label_kinds: str, seeds:
             run = kdd(["experts", "--dataset", dataset, *data_args, *given], log)
             client.set_tag(run, "kdd.quality_experts", key)
         experts_runs[ipc] = run
-        click.echo(f"{key}: experts run {run} ({wall_s(client, run):.0f} s)", err=True)
-    experts_s = {run: wall_s(client, run) for run in experts_runs.values()}
+        experts_s[run] = wall_s(client, run)
+        click.echo(f"{key}: experts run {run} ({experts_s[run]:.0f} s)", err=True)
 
     rows = []
     cells = [(ipc, kind, seed) for ipc in ipc_list for kind in kinds for seed in seed_list]
