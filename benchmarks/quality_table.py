@@ -114,21 +114,25 @@ def main(dataset: str, data_dir: str | None, ipcs: str, label_kinds: str, seeds:
 
     args = list(distill_args)
     budget = args[args.index("--budget") + 1] if "--budget" in args[:-1] else "quick"
+    runs_by_key: dict[str, str] = {}
     experts_runs: dict[int, str] = {}
     experts_s: dict[str, float] = {}
     for ipc in ipc_list:  # as a pipeline would train them for this ipc
         lr = budgets.experts_lr_for_ipc(budget, dataset, ipc)
         key = dataset if lr is None else f"{dataset}/lr_teacher={lr}"
-        run = experts_run or tagged("kdd.quality_experts", key)
-        if run is None:
-            click.echo(f"{key}: training experts", err=True)
-            given = ["--budget", budget] if budget != "quick" else []
-            given += [] if lr is None else ["--lr-teacher", str(lr)]
-            run = kdd(["experts", "--dataset", dataset, *data_args, *given], log)
-            client.set_tag(run, "kdd.quality_experts", key)
-        experts_runs[ipc] = run
-        experts_s[run] = wall_s(client, run)
-        click.echo(f"{key}: experts run {run} ({experts_s[run]:.0f} s)", err=True)
+        if key not in runs_by_key:  # ipcs whose experts train alike share one run, looked up once
+            run = experts_run or tagged("kdd.quality_experts", key)
+            if run is None:
+                click.echo(f"{key}: training experts", err=True)
+                given = ["--budget", budget] if budget != "quick" else []
+                given += [] if lr is None else ["--lr-teacher", str(lr)]
+                run = kdd(["experts", "--dataset", dataset, *data_args, *given], log)
+                client.set_tag(run, "kdd.quality_experts", key)
+            runs_by_key[key] = run
+        run = experts_runs[ipc] = runs_by_key[key]
+        if run not in experts_s:
+            experts_s[run] = wall_s(client, run)
+            click.echo(f"{key}: experts run {run} ({experts_s[run]:.0f} s)", err=True)
 
     rows = []
     cells = [(ipc, kind, seed) for ipc in ipc_list for kind in kinds for seed in seed_list]
