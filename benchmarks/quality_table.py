@@ -88,6 +88,18 @@ def cell_text(values: list[float]) -> str:
     return f"{100 * mean:.1f} +- {100 * std:.1f}"
 
 
+def budget_of(args: list[str]) -> str:
+    """The budget the distill options ask for, as click reads it (``--budget X`` or ``--budget=X``, the last one
+    given wins); quick when none is."""
+    budget = "quick"
+    for i, arg in enumerate(args):
+        if arg == "--budget" and i + 1 < len(args):
+            budget = args[i + 1]
+        elif arg.startswith("--budget="):
+            budget = arg.split("=", 1)[1]
+    return budget
+
+
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("--dataset", required=True, type=click.Choice(["mnist", "fashion-mnist", "cifar10", "cifar100"]))
 @click.option("--data-dir", type=click.Path(file_okay=False), help="passed to kdd experts and kdd distill")
@@ -113,7 +125,7 @@ def main(dataset: str, data_dir: str | None, ipcs: str, label_kinds: str, seeds:
     started = time.perf_counter()
 
     args = list(distill_args)
-    budget = args[args.index("--budget") + 1] if "--budget" in args[:-1] else "quick"
+    budget = budget_of(args)
     runs_by_key: dict[str, str] = {}
     experts_runs: dict[int, str] = {}
     experts_s: dict[str, float] = {}
