@@ -30,7 +30,7 @@ import click
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from kdd_mlflow import budgets
+from kdd_mlflow import budgets, cli
 from kdd_mlflow.distill.evaluate import mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,15 +89,10 @@ def cell_text(values: list[float]) -> str:
 
 
 def budget_of(args: list[str]) -> str:
-    """The budget the distill options ask for, as click reads it (``--budget X`` or ``--budget=X``, the last one
-    given wins); quick when none is."""
-    budget = "quick"
-    for i, arg in enumerate(args):
-        if arg == "--budget" and i + 1 < len(args):
-            budget = args[i + 1]
-        elif arg.startswith("--budget="):
-            budget = arg.split("=", 1)[1]
-    return budget
+    """The budget the distill options ask for, read by ``kdd distill``'s own parser (``--budget X``, ``--budget=X``,
+    the last one given wins); quick when none is."""
+    ctx = cli.main.commands["distill"].make_context("distill", list(args), resilient_parsing=True)
+    return ctx.params.get("budget") or "quick"
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
