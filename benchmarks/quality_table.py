@@ -126,7 +126,8 @@ def main(dataset: str, data_dir: str | None, ipcs: str, label_kinds: str, seeds:
     experts_s: dict[str, float] = {}
     for ipc in ipc_list:  # as a pipeline would train them for this ipc
         lr = budgets.experts_lr_for_ipc(budget, dataset, ipc)
-        key = dataset if lr is None else f"{dataset}/lr_teacher={lr}"
+        # what the experts train with: a run trained under another budget or rate is not reused (quick keys as before)
+        key = dataset + ("" if budget == "quick" else f"/budget={budget}") + ("" if lr is None else f"/lr_teacher={lr}")
         if key not in runs_by_key:  # ipcs whose experts train alike share one run, looked up once
             run = experts_run or tagged("kdd.quality_experts", key)
             if run is None:
