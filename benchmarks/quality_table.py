@@ -12,7 +12,8 @@ labels, the same subsets labelled by the expert that labelled the set); a cell o
 seeds of those per-run means. Options after ``--`` go to every ``kdd distill`` (e.g. ``-- --iterations 300``).
 
 Resumable: every finished distill run is tagged with its cell (``kdd.quality_cell``) and the experts run with its
-dataset (``kdd.quality_experts``); run the same command again after a crash and only the missing cells run.
+dataset, budget (other than quick) and learning rate (``kdd.quality_experts``); run the same command again after a
+crash and only the missing cells run.
 """
 
 from __future__ import annotations
