@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdd_mlflow import layers
 from kdd_mlflow.runtime import first_line
 
 log = logging.getLogger(__name__)
@@ -334,10 +335,11 @@ class RealData:
 
 
 def normalise(images: np.ndarray | torch.Tensor, meta: DatasetInfo) -> torch.Tensor:
+    """uint8 images to float32 (x / 255 - mean) / std, row-major (``layers.row_major``)."""
     x = torch.tensor(np.asarray(images), dtype=torch.float32) / 255.0
     mean = torch.tensor(meta.mean).view(1, -1, 1, 1)
     std = torch.tensor(meta.std).view(1, -1, 1, 1)
-    return (x - mean) / std
+    return layers.row_major((x - mean) / std)
 
 
 def denormalise(images: torch.Tensor, meta: DatasetInfo) -> torch.Tensor:

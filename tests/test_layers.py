@@ -136,3 +136,22 @@ def test_the_allocator_setting_applies_on_glibc_and_once():
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert applied is True
     assert keep_freed_memory() is applied
+
+
+def test_row_major_copies_only_other_layouts_and_the_convnet_normalises_row_major_activations():
+    from kdd_mlflow.layers import row_major
+
+    x = torch.randn(4, 1, 28, 28)
+    assert row_major(x) is x
+    odd = torch.randn(4, 28, 28, 1).permute(0, 3, 1, 2)  # strides (784, 1, 28, 1): contiguous, channels-last too
+    assert odd.is_contiguous() and odd.contiguous().stride() == (784, 1, 28, 1)
+    fixed = row_major(odd)
+    assert fixed.stride() == (784, 784, 28, 1) and torch.equal(fixed, odd)
+    seen = []
+    net = models.create("convnet-w8", 1, 10, 28)
+    for module in net.modules():
+        if isinstance(module, InstanceNorm):
+            module.register_forward_hook(
+                lambda m, inp, out: seen.append(inp[0].stride() == torch.empty(inp[0].shape).stride()))
+    net(odd.requires_grad_(True)).sum().backward()
+    assert seen == [True, True, True] and odd.grad.shape == odd.shape
