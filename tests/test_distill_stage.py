@@ -75,6 +75,37 @@ def test_experts_then_distill_end_to_end(fake_fashion):
         synthetic.load(run_id, expect={"dataset": "mnist"})
 
 
+def test_the_first_round_is_the_baseline_and_an_unimproved_set_gets_its_own_networks(fake_fashion, monkeypatch):
+    """Before any update a hard-labelled set is a random real subset: the first validation round trains the
+    random-subset baseline's networks (their test accuracy is the baseline's figure), and a set that no update
+    improved is tested on networks trained on it, seeded as its round."""
+    experts_run = experts_stage.run(experts_config(fake_fashion))
+
+    def spoil(syn, *args, **kwargs):  # every update ruins the set, so the first round stays the best
+        with torch.no_grad():
+            syn.images.copy_(torch.randn_like(syn.images) * 50)
+        return 1.0, True
+
+    monkeypatch.setattr(distill_stage, "mtt_iteration", spoil)
+    cfg = distill_config(fake_fashion, experts_run)
+    run = mlflow.get_run(distill_stage.run(cfg))
+    metrics = run.data.metrics
+    assert metrics["best_iteration"] == 0
+    real = data.load("fashion-mnist", fake_fashion, val_size=100)
+    lr = metrics["learned_lr"]  # never updated: the budget's initial step size, the baseline's
+    baseline = list(train_nets(distill_stage.random_subsets(real, cfg, torch.device("cpu")), "convnet-w8", real.info,
+                               lr, cfg.eval_epochs, cfg.num_eval, seed=cfg.seed + distill_stage.BASELINE_SEED))
+    first = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_acc")[0]
+    assert first.step == 0
+    assert first.value == pytest.approx(mean_std([evaluate(n, real.val)["acc"] for n in baseline])[0], abs=1e-9)
+    assert metrics["random_subset_test_acc_mean"] == pytest.approx(
+        mean_std([evaluate(n, real.test)["acc"] for n in baseline])[0], abs=1e-9)
+    distilled = synthetic.load(run.info.run_id)
+    own = list(train_nets(distilled.split, "convnet-w8", real.info, lr, cfg.eval_epochs, cfg.num_eval, seed=cfg.seed))
+    for split, logged in ((real.val, "best_val_acc"), (real.test, "test_acc_mean")):
+        assert metrics[logged] == pytest.approx(mean_std([evaluate(n, split)["acc"] for n in own])[0], abs=1e-9)
+
+
 def test_shards_fill_one_buffer_and_a_rerun_trains_only_missing_experts(fake_fashion, monkeypatch):
     first = experts_stage.run(experts_config(fake_fashion, num_experts=3, shard="0/2"))
     second = experts_stage.run(experts_config(fake_fashion, num_experts=3, shard="1/2"))
@@ -108,7 +139,8 @@ def test_shards_fill_one_buffer_and_a_rerun_trains_only_missing_experts(fake_fas
     assert mlflow.get_run(crashed_id).info.status == "FINISHED"
 
 
-@pytest.mark.parametrize("labels", ["learned"])  # learned labels: images, step size and labels all resume
+# learned labels: images, step size and labels all resume; hard labels: the baseline measured in the first round
+@pytest.mark.parametrize("labels", ["hard", "learned"])
 def test_distill_resume_equals_uninterrupted(fake_fashion, monkeypatch, labels):
     experts_run = experts_stage.run(experts_config(fake_fashion))
     whole = distill_stage.run(distill_config(fake_fashion, experts_run, labels=labels))
@@ -138,6 +170,9 @@ def test_distill_resume_equals_uninterrupted(fake_fashion, monkeypatch, labels):
                                                                        b.get("soft_labels", b["labels"]))
     losses = [[m.value for m in mlflow.MlflowClient().get_metric_history(r, "matching_loss")] for r in (whole, resumed)]
     assert sorted(losses[0]) == sorted(losses[1])
+    ends = [mlflow.get_run(r).data.metrics for r in (whole, resumed)]
+    for key in ("random_subset_test_acc_mean", "test_acc_mean", "best_val_acc"):
+        assert ends[0][key] == ends[1][key]
 
 
 def test_distill_rejects_bad_experts_before_work(fake_fashion):

@@ -4,7 +4,8 @@ The run logs the matching loss, step size and skipped updates per iteration; val
 fresh networks every ``eval_every`` iterations (the best set by validation accuracy is kept); a
 checkpoint every ``checkpoint_every`` iterations (``resume`` continues from it bit for bit); and at
 the end the synthetic set, its test accuracy (mean and std of K networks) and the same protocol on a
-random real subset of the same size, with an image grid.
+random real subset of the same size, with an image grid. A hard-labelled set starts as such a subset, so its
+first validation round is the baseline's: K networks, each on its own random subset, measured on both splits.
 """
 
 from __future__ import annotations
@@ -109,24 +110,41 @@ def run(asked: DistillConfig) -> str:
         val = real.val.to(device)
 
         timing = {"eval": 0.0, "evals": 0, "iteration": 0.0, "iterations": 0}
+        test = real.test.to(device)
+        baseline_first = baseline_at_start(cfg)
 
         def evaluate_now(iteration: int) -> None:
             """Validation accuracy of fresh networks trained on the set now. The best round's networks are kept
             (their weights), so the chosen set is tested on those very networks at the end, with no second
-            training; the choice itself sees validation accuracy only."""
+            training; the choice itself sees validation accuracy only.
+
+            Before the first update a hard-labelled set is a random real subset, so that round is the random-subset
+            baseline itself (its networks measured on the test split too, for the end) rather than a second
+            training of the same protocol."""
             t0 = time.perf_counter()
             nets, accs = [], []
-            for net in train_nets(data.Split(syn.images.detach(), soft_labels.targets(syn.labels.detach())),
-                                  cfg.eval_model, meta, syn.syn_lr.item(), cfg.eval_epochs, cfg.num_eval,
-                                  seed=cfg.seed + iteration, precision=cfg.precision):
-                accs.append(evaluate(net, val)["acc"])
-                nets.append({k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
+            if iteration == 0 and baseline_first:
+                for net in train_nets(random_subsets(real, cfg, device), cfg.eval_model, meta, cfg.lr_teacher,
+                                      cfg.eval_epochs, cfg.num_eval, seed=cfg.seed + BASELINE_SEED,
+                                      precision=cfg.precision):
+                    accs.append(evaluate(net, val)["acc"])
+                    state.setdefault("baseline_test", []).append(evaluate(net, test)["acc"])
+                nets = None  # not trained on the set itself: retrained on it at the end should it stay the best
+            else:
+                for net in train_nets(data.Split(syn.images.detach(), soft_labels.targets(syn.labels.detach())),
+                                      cfg.eval_model, meta, syn.syn_lr.item(), cfg.eval_epochs, cfg.num_eval,
+                                      seed=cfg.seed + iteration, precision=cfg.precision):
+                    accs.append(evaluate(net, val)["acc"])
+                    nets.append({k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
             mean, std = mean_std(accs)
             mlflow.log_metrics({"val_acc": mean, "val_acc_std": std}, step=iteration)
             if mean > state["best_val"]:
                 state.update(best_val=mean, best_iteration=iteration, best_images=syn.images.detach().cpu().clone(),
-                             best_lr=syn.syn_lr.detach().cpu().clone(), best_labels=syn.labels.detach().cpu().clone(),
-                             best_nets=nets)
+                             best_lr=syn.syn_lr.detach().cpu().clone(), best_labels=syn.labels.detach().cpu().clone())
+                if nets is None:
+                    state.pop("best_nets", None)
+                else:
+                    state["best_nets"] = nets
             log.info("iteration %d: validation accuracy %.4f +- %.4f (best %.4f at %d)", iteration, mean, std,
                      state["best_val"], state["best_iteration"])
             timing["eval"] += time.perf_counter() - t0
@@ -156,14 +174,27 @@ def run(asked: DistillConfig) -> str:
             if state["iteration"] % cfg.checkpoint_every == 0 and state["iteration"] < cfg.iterations:
                 checkpoint(tmp, syn, generator, state)
             if it == first + 1:
-                estimate = remaining_seconds(timing, it + 1, cfg)
+                estimate = remaining_seconds(timing, it + 1, cfg, baseline_left="baseline_test" not in state)
                 mlflow.log_metric("estimated_remaining_s", estimate, step=it)
                 log.info("estimated time for the remaining %d iterations: %.0f s", cfg.iterations - it - 1, estimate)
         if state["best_iteration"] != cfg.iterations:
             evaluate_now(cfg.iterations)
-        mlflow.log_metrics({"best_val_acc": state["best_val"], "best_iteration": state["best_iteration"]})
         finish(cfg, real, buffer.space, state, init.labels.cpu(), tmp, device, labeller)
         return run_id
+
+
+BASELINE_SEED = 10**6  # the random-subset baseline's networks are seeded apart from every validation round's
+
+
+def baseline_at_start(cfg: DistillConfig) -> bool:
+    """Whether the set before its first update is a random real subset under the baseline's protocol (hard labels,
+    real initial images, the baseline's step size), so that the first validation round can be the baseline's."""
+    return cfg.labels == "hard" and cfg.init == "real"
+
+
+def random_subsets(real: data.RealData, cfg: DistillConfig, device: torch.device) -> Callable[[int], data.Split]:
+    """The random-subset baseline's training sets: a different random real subset of the set's size per network."""
+    return lambda k: real.random_subset(cfg.ipc, torch.Generator().manual_seed(cfg.seed * 1000 + k + 1)).to(device)
 
 
 def start_epoch_bound(cfg: DistillConfig, iteration: int) -> int:
@@ -176,9 +207,10 @@ def start_epoch_bound(cfg: DistillConfig, iteration: int) -> int:
     return min(grown, cfg.max_start_epoch)
 
 
-def remaining_seconds(timing: dict, done: int, cfg: DistillConfig) -> float:
-    """Measured seconds per iteration and per evaluation, times what is left (the final baseline counts as one)."""
-    evals_left = len(range(done, cfg.iterations, cfg.eval_every)) + 1 + 1
+def remaining_seconds(timing: dict, done: int, cfg: DistillConfig, baseline_left: bool) -> float:
+    """Measured seconds per iteration and per evaluation, times what is left (the last round, and the baseline
+    when the first round was not it, count as one each)."""
+    evals_left = len(range(done, cfg.iterations, cfg.eval_every)) + 1 + int(baseline_left)
     per_eval = timing["eval"] / max(timing["evals"], 1)
     return timing["iteration"] / timing["iterations"] * (cfg.iterations - done) + per_eval * evals_left
 
@@ -214,18 +246,25 @@ def finish(cfg: DistillConfig, real: data.RealData, space: InputSpace, state: di
     best_labels = state.get("best_labels", classes)
     lr = float(state["best_lr"])
     test = real.test.to(device)
-    protocol = dict(meta=meta, measure_on=test, epochs=cfg.eval_epochs, num_nets=cfg.num_eval, seed=cfg.seed + 10**6,
-                    precision=cfg.precision)
+    protocol = dict(meta=meta, measure_on=test, epochs=cfg.eval_epochs, num_nets=cfg.num_eval,
+                    seed=cfg.seed + BASELINE_SEED, precision=cfg.precision)
+    best_val = state["best_val"]
     if "best_nets" in state:  # the networks that measured the chosen set's validation accuracy
         syn_accs = accuracies(cfg.eval_model, meta, state["best_nets"], test)
-    else:  # a checkpoint written before these were kept
+    else:  # no update beat the initial set (measured by the baseline's networks), or an older checkpoint: the
+        # set's own networks, seeded as its validation round, measured on both splits
         best = data.Split(state["best_images"].to(device), soft_labels.targets(best_labels).to(device))
-        syn_accs = evaluate_set(best, cfg.eval_model, lr=lr, progress="test synthetic", **protocol)
-
-    def subset(k: int) -> data.Split:  # a different random real subset for each baseline network
-        return real.random_subset(cfg.ipc, torch.Generator().manual_seed(cfg.seed * 1000 + k + 1)).to(device)
-
-    real_accs = evaluate_set(subset, cfg.eval_model, lr=cfg.lr_teacher, progress="test random subset", **protocol)
+        nets = list(train_nets(best, cfg.eval_model, meta, lr, cfg.eval_epochs, cfg.num_eval,
+                               seed=cfg.seed + state["best_iteration"], progress="test synthetic",
+                               precision=cfg.precision))
+        syn_accs = [evaluate(net, test)["acc"] for net in nets]
+        best_val = mean_std([evaluate(net, real.val.to(device))["acc"] for net in nets])[0]
+    mlflow.log_metrics({"best_val_acc": best_val, "best_iteration": state["best_iteration"]})
+    subset = random_subsets(real, cfg, device)
+    if "baseline_test" in state:  # the first validation round trained the baseline's networks
+        real_accs = state["baseline_test"]
+    else:
+        real_accs = evaluate_set(subset, cfg.eval_model, lr=cfg.lr_teacher, progress="test random subset", **protocol)
     (syn_mean, syn_std), (real_mean, real_std) = mean_std(syn_accs), mean_std(real_accs)
     metrics = {"test_acc_mean": syn_mean, "test_acc_std": syn_std, "random_subset_test_acc_mean": real_mean,
                "random_subset_test_acc_std": real_std, "test_acc_gain": syn_mean - real_mean, "learned_lr": lr}
