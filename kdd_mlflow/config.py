@@ -421,8 +421,9 @@ class CombinedConfig(PipelineConfig):
     temperature: float = Field(2.0, gt=0, description="KD temperature T")
     alpha: float = Field(0.5, ge=0, le=1, description="KD weight of the distillation term (1 - alpha on hard labels)")
     force: str = Field("", description="re-run instead of reusing finished stages: all, or stage names (experts,...)")
-    jobs: int | None = Field(None, ge=1, le=1024, description="stage runs at a time (default: 1 on the local backend, "
-                             "where the CPU cores are divided among them; every ready stage on slurm or kubernetes)")
+    jobs: int | None = Field(None, ge=1, le=1024, description="stage runs at a time, the CPU cores divided among them "
+                             "(default on the local backend: experts and distill alone on every core, then the arms "
+                             "two at a time on half the cores each; every ready stage on slurm or kubernetes)")
 
     @field_validator("seeds")
     @classmethod

@@ -243,16 +243,13 @@ def run(cfg: CombinedConfig) -> str:
         selected = selected_with_needs(cfg.arm_list)
         started = time.perf_counter()
 
-        if backend.local:  # concurrent stages share this machine's cores
-            jobs = cfg.jobs or 1
-            threads = max(1, (os.cpu_count() or 1) // jobs)
-            env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if jobs > 1 else None
-        else:  # a cluster gives each job its own CPUs and queues what it cannot run yet (None: every ready stage)
-            jobs, env = cfg.jobs, None
-        tasks = plan(cfg, runner, resolved, device, common, selected, env)
-        log.info("%d stage runs to run or reuse on the %s backend, %s at a time%s", len(tasks), backend.describe(),
-                 f"up to {jobs}" if jobs else "every ready one", f" with {threads} thread(s) each" if env else "")
-        mlflow.set_tag("kdd.threads_per_stage", str(threads) if env else "default")
+        jobs, chain, arm = shares(cfg.jobs, os.cpu_count() or 1) if backend.local else (cfg.jobs, Share(), Share())
+        tasks = plan(cfg, runner, resolved, device, common, selected, chain, arm)
+        log.info("%d stage runs to run or reuse on the %s backend: %s", len(tasks), backend.describe(),
+                 f"{jobs} slot(s); the synthetic chain takes {chain.slots} with {chain.describe()}, an arm "
+                 f"{arm.slots} with {arm.describe()}" if jobs else "every ready one at once")
+        each = [str(share.threads or "default") for share in (chain, arm)]
+        mlflow.set_tag("kdd.threads_per_stage", each[0] if chain == arm else f"chain {each[0]}, arms {each[1]}")
         try:
             done = schedule.run(tasks, jobs, poll_s=runner.poll_s)
         except schedule.TaskFailed as exc:
@@ -275,28 +272,65 @@ def run(cfg: CombinedConfig) -> str:
         return parent.info.run_id
 
 
+@dataclass(frozen=True)
+class Share:
+    """How one stage run shares a machine with the others of its pipeline: the scheduler's slots it takes, and the
+    threads its process may use (None: PyTorch's default, one per core)."""
+
+    slots: int = 1
+    threads: int | None = None
+
+    @property
+    def env(self) -> dict[str, str] | None:
+        return None if self.threads is None else {"OMP_NUM_THREADS": str(self.threads),
+                                                  "MKL_NUM_THREADS": str(self.threads)}
+
+    def describe(self) -> str:
+        return "every core's thread" if self.threads is None else f"{self.threads} thread(s)"
+
+
+def shares(jobs: int | None, cores: int) -> tuple[int, Share, Share]:
+    """The local backend's slots (one per core, or ``jobs``) and the shares of the synthetic chain (experts,
+    distill) and of an arm.
+
+    ``jobs`` given: that many stage runs at a time, ``cores / jobs`` threads each (one thread-less run alone).
+    Unset: the chain, which every synthetic-set arm waits for, runs alone on every core; the arms then run two at
+    a time on half the cores each. An arm's process spends seconds single-threaded (imports, data, logging) and
+    trains small sets in batches too small for two threads to halve, so two arms side by side finish sooner than
+    one after the other (README, "Running stages side by side").
+    """
+    if jobs:
+        threads = max(1, cores // jobs)
+        share = Share(1, threads if jobs > 1 else None)
+        return jobs, share, share
+    return cores, Share(cores, None), Share(max(1, cores // 2), max(1, cores // 2))
+
+
 def plan(cfg: CombinedConfig, runner: Runner, resolved: budgets.Resolved, device: torch.device,
-         common: dict[str, object], selected: list[str], env: dict[str, str] | None) -> list[schedule.Task]:
+         common: dict[str, object], selected: list[str], chain: Share = Share(), arm_share: Share = Share()
+         ) -> list[schedule.Task]:
     """The stage runs of a combined study as a dependency graph, from the arm table: experts -> distill ->
     the arms on the synthetic set; an arm taught by another after it; and when the experts whiten (ZCA), every
     arm after them, since it trains in their input space. Listed experts first, then the arms in table order
-    per seed: the order runs start in when several are ready."""
+    per seed: the order runs start in when several are ready. The chain's tasks take ``chain``'s share of the
+    machine, the arms' ``arm_share``."""
     tasks: list[schedule.Task] = []
     whitened = False
     if any(arms.ARMS[name].synthetic for name in selected):
         first = cfg.seed_list[0]  # one synthetic set; the arms on it vary by seed
         experts = {**experts_params(cfg, resolved.budget, cfg.ipc), "seed": first}
         whitened = experts_whiten(runner.merged("experts", experts), device)
-        tasks.append(schedule.Task("experts", (), lambda done: runner.start("experts", experts, "experts", env=env)))
+        tasks.append(schedule.Task("experts", (), lambda done: runner.start("experts", experts, "experts",
+                                                                            env=chain.env), chain.slots))
 
         def distill(done: dict[str, str]):
             if (find.input_space(done["experts"]).zca is not None) != whitened:  # the arms were ordered by it
                 raise RuntimeError(f"experts run {done['experts']} is {'not ' if whitened else ''}ZCA-whitened, "
                                    f"but its parameters resolve to zca={whitened}")
             return runner.start("distill", {**common, "seed": first, "experts_run": done["experts"], "ipc": cfg.ipc},
-                                "distill", env=env)
+                                "distill", env=chain.env)
 
-        tasks.append(schedule.Task("distill", ("experts",), distill))
+        tasks.append(schedule.Task("distill", ("experts",), distill, chain.slots))
     stage_params = {"kd": {"temperature": cfg.temperature, "alpha": cfg.alpha}}
 
     def launch(name: str, seed: int, done: dict[str, str]):
@@ -311,14 +345,14 @@ def plan(cfg: CombinedConfig, runner: Runner, resolved: budgets.Resolved, device
             # every arm trains in the experts' whitened space, so the full-data teacher can be distilled on the
             # synthetic set and fidelity compares models that saw the same inputs (kd arms take their teacher's)
             params["space_run"] = done["experts"]
-        return runner.start(arm.stage, params, f"{name}/seed{seed}", name, env=env)
+        return runner.start(arm.stage, params, f"{name}/seed{seed}", name, env=arm_share.env)
 
     for seed in cfg.seed_list:
         for name in selected:
             arm = arms.ARMS[name]
             needs = tuple(f"{need}/seed{seed}" for need in arm.needs)
             needs += ("distill",) if arm.synthetic else ("experts",) if whitened else ()
-            tasks.append(schedule.Task(f"{name}/seed{seed}", needs, partial(launch, name, seed)))
+            tasks.append(schedule.Task(f"{name}/seed{seed}", needs, partial(launch, name, seed), arm_share.slots))
     return tasks
 
 

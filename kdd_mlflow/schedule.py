@@ -1,9 +1,11 @@
-"""Run a dependency graph of stage runs, at most ``jobs`` at a time.
+"""Run a dependency graph of stage runs, at most ``jobs`` slots of them at a time.
 
 A task is launched once every task it needs has finished; its ``launch`` gets their run ids and returns a
-run id (a finished run reused: nothing to wait for) or a handle on a run it started. Tasks become ready in
-list order, so the list is the priority. The first task that fails stops the graph: the runs still going
-are cancelled and ``TaskFailed`` names the failed one. An interrupt cancels them too.
+run id (a finished run reused: nothing to wait for) or a handle on a run it started. A task takes ``slots`` of
+the ``jobs`` (one unless it says more; a machine's cores, say). Tasks become ready in list order, so the list is
+the priority: no task starts ahead of a ready one listed before it that does not fit yet. The first task that
+fails stops the graph: the runs still going are cancelled and ``TaskFailed`` names the failed one. An interrupt
+cancels them too.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Task:
     key: str
     needs: tuple[str, ...]
     launch: Callable[[dict[str, str]], str | Handle]  # the finished run ids by key -> a run id or a handle
+    slots: int = 1  # of the jobs it takes while it runs (at most all of them)
 
 
 class TaskFailed(RuntimeError):
@@ -62,8 +65,8 @@ def check(tasks: Sequence[Task]) -> None:
 
 def run(tasks: Sequence[Task], jobs: int | None, poll_s: float = 2.0,
         on_finished: Callable[[str, str], None] | None = None) -> dict[str, str]:
-    """Run every task, at most ``jobs`` at a time (None: every ready one, as a cluster that queues them wants);
-    return the run id of each by key."""
+    """Run every task, at most ``jobs`` slots at a time (None: every ready one, as a cluster that queues them
+    wants); return the run id of each by key."""
     if jobs is None:
         jobs = max(len(tasks), 1)
     if jobs < 1:
@@ -71,6 +74,7 @@ def run(tasks: Sequence[Task], jobs: int | None, poll_s: float = 2.0,
     check(tasks)
     done: dict[str, str] = {}
     running: dict[str, Handle] = {}
+    taken: dict[str, int] = {}  # the slots of each running task
     waiting = list(tasks)
 
     def finished(key: str, run_id: str) -> None:
@@ -82,21 +86,23 @@ def run(tasks: Sequence[Task], jobs: int | None, poll_s: float = 2.0,
         while waiting or running:
             moved = False
             for task in list(waiting):
-                if len(running) >= jobs:
-                    break
-                if all(n in done for n in task.needs):
-                    waiting.remove(task)
-                    got = task.launch(dict(done))
-                    if isinstance(got, str):
-                        finished(task.key, got)
-                    else:
-                        running[task.key] = got
-                    moved = True
+                if not all(n in done for n in task.needs):
+                    continue
+                slots = min(max(task.slots, 1), jobs)
+                if sum(taken.values()) + slots > jobs:
+                    break  # the first ready task waits for room, and nothing listed after it goes first
+                waiting.remove(task)
+                got = task.launch(dict(done))
+                if isinstance(got, str):
+                    finished(task.key, got)
+                else:
+                    running[task.key], taken[task.key] = got, slots
+                moved = True
             for key, handle in list(running.items()):
                 status = handle.get_status()
                 if status in ("RUNNING", "SCHEDULED"):
                     continue
-                del running[key]
+                del running[key], taken[key]
                 if status != "FINISHED":
                     raise TaskFailed(key, handle.run_id, status)
                 finished(key, handle.run_id)

@@ -86,6 +86,42 @@ def test_a_failed_task_stops_the_graph_and_cancels_the_runs_still_going():
     assert ("cancel", "e") in log and ("end", "e") not in log  # still going when c failed: cancelled
 
 
+def test_a_task_takes_its_slots_and_nothing_overtakes_a_ready_one_waiting_for_room():
+    """Two slots: ``a`` (one) runs; ``big`` (two) is ready but must wait for ``a``; ``c`` (one) would fit beside
+    ``a`` but is listed after ``big``, so it waits too; ``d`` and ``e`` then run side by side."""
+    log, live = [], {}
+
+    def launcher(key: str):
+        def launch(done):
+            log.append(("start", key, sum(1 for r in live.values() if r.polls > 0)))
+            live[key] = FakeRun(key, log, polls=3)
+            return live[key]
+        return launch
+
+    spec = {"a": ((), 1), "big": ((), 2), "c": ((), 1), "d": (("big",), 1), "e": (("big",), 1)}
+    tasks = [schedule.Task(k, needs, launcher(k), slots) for k, (needs, slots) in spec.items()]
+    schedule.run(tasks, 2, poll_s=0)
+    order = [e[1] for e in log if e[0] == "start"]
+    assert order == ["a", "big", "c", "d", "e"]
+    at = {e[1]: i for i, e in enumerate(log) if e[0] == "start"}
+    assert log.index(("end", "a")) < at["big"] < at["c"] and log.index(("end", "big")) < at["c"]
+    assert next(e[2] for e in log if e[:2] == ("start", "big")) == 0  # alone: it takes both slots
+    assert max(e[2] for e in log if e[0] == "start") == 1  # two one-slot runs side by side, never three
+
+
+@pytest.mark.parametrize("jobs, cores, want", [
+    (None, 2, (2, pipeline.Share(2, None), pipeline.Share(1, 1))),  # the chain alone, then arms in pairs
+    (None, 8, (8, pipeline.Share(8, None), pipeline.Share(4, 4))),
+    (None, 1, (1, pipeline.Share(1, None), pipeline.Share(1, 1))),
+    (1, 2, (1, pipeline.Share(1, None), pipeline.Share(1, None))),  # one at a time, every thread
+    (2, 2, (2, pipeline.Share(1, 1), pipeline.Share(1, 1))),  # two at a time, a core each
+])
+def test_local_stages_share_the_cores(jobs, cores, want):
+    assert pipeline.shares(jobs, cores) == want
+    chain = want[1]
+    assert chain.env is None if chain.threads is None else chain.env["OMP_NUM_THREADS"] == str(chain.threads)
+
+
 @pytest.mark.parametrize("needs, message", [
     ({"a": ("b",), "b": ("a",)}, "need each other"),
     ({"a": ("z",)}, "unknown task"),
@@ -115,10 +151,12 @@ def test_the_combined_graph_follows_the_arm_table(zca):
     runner.overrides = cfg.override_map
     resolved = budgets.resolve(cfg, "cpu")
     selected = pipeline.selected_with_needs(cfg.arm_list)
-    tasks = pipeline.plan(cfg, runner, resolved, torch.device("cpu"), {}, selected, None)
+    _, chain, arm_share = pipeline.shares(None, 4)
+    tasks = pipeline.plan(cfg, runner, resolved, torch.device("cpu"), {}, selected, chain, arm_share)
     needs = {t.key: set(t.needs) for t in tasks}
     schedule.check(tasks)
     assert list(needs)[:2] == ["experts", "distill"] and needs["distill"] == {"experts"}
+    assert [t.slots for t in tasks[:2]] == [4, 4] and {t.slots for t in tasks[2:]} == {2}
     assert len(tasks) == 2 + 2 * len(arms.ARMS)
     for seed in (0, 1):
         for name, arm in arms.ARMS.items():
