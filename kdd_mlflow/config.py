@@ -450,11 +450,11 @@ class CombinedConfig(PipelineConfig):
     @field_validator("force")
     @classmethod
     def _force(cls, v: str) -> str:
-        names = {a.strip() for a in v.split(",") if a.strip()}
-        unknown = names - {"all", "experts", "distill", "teacher", "kd"}
+        names = list(dict.fromkeys(a.strip() for a in v.split(",") if a.strip()))  # as given: `mlflow run` logs it so
+        unknown = sorted(set(names) - {"all", "experts", "distill", "teacher", "kd"})
         if unknown:
-            raise ValueError(f"unknown stage(s) {sorted(unknown)}; use all, or some of experts, distill, teacher, kd")
-        return ",".join(sorted(names))
+            raise ValueError(f"unknown stage(s) {unknown}; use all, or some of experts, distill, teacher, kd")
+        return ",".join(names)
 
     @property
     def seed_list(self) -> list[int]:

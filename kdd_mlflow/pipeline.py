@@ -297,7 +297,7 @@ def shares(jobs: int | None, cores: int) -> tuple[int, Share, Share]:
     Unset: the chain, which every synthetic-set arm waits for, runs alone on every core; the arms then run two at
     a time on half the cores each. An arm's process spends seconds single-threaded (imports, data, logging) and
     trains small sets in batches too small for two threads to halve, so two arms side by side finish sooner than
-    one after the other (README, "Running stages side by side").
+    one after the other (README, "The combined pipeline": the figures).
     """
     if jobs:
         threads = max(1, cores // jobs)

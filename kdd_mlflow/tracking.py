@@ -161,6 +161,8 @@ def same_value(logged: str, value: str) -> bool:
     # `mlflow run` logs parameters shell-quoted ("''" for an empty string) and as typed ("0.010", "true").
     if logged in (value, shlex.quote(value)):
         return True
+    if "," in logged or "," in value:  # a list typed with spaces ("0, 1"), which the config strips
+        return [s.strip() for s in logged.split(",")] == [s.strip() for s in value.split(",")]
     if {logged.lower(), value.lower()} <= {"true"} or {logged.lower(), value.lower()} <= {"false"}:
         return True  # a boolean given as -P zca=true comes back from the config as True
     try:

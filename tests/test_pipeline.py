@@ -142,6 +142,11 @@ def test_params_logged_by_mlflow_run_match_the_config_values():
     assert same_value("true", "True") and same_value("False", "false") and same_value("''", "")
     assert same_value("0.010", "0.01") and same_value("10", "10")
     assert not same_value("true", "False") and not same_value("1", "True") and not same_value("a", "b")
+    # list values as typed after -P: what the config makes of them must match what `mlflow run` logged
+    for key, typed in (("force", "teacher,kd"), ("force", "kd, teacher"), ("seeds", "1, 0"),
+                       ("arms", "proposal, student-synthetic")):
+        assert same_value(typed, str(getattr(CombinedConfig(**{key: typed}), key))), (key, typed)
+    assert not same_value("0,1", "1,0") and not same_value("0,1", "0,1,2")
     from kdd_mlflow.tracking import given
 
     params = {"labels": "''", "budget.labels": "learned", "ipc": "10", "init": ""}
