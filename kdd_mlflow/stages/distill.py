@@ -124,11 +124,12 @@ def run(asked: DistillConfig) -> str:
             t0 = time.perf_counter()
             nets, accs = [], []
             if iteration == 0 and baseline_first:
+                state["baseline_test"] = []
                 for net in train_nets(random_subsets(real, cfg, device), cfg.eval_model, meta, cfg.lr_teacher,
                                       cfg.eval_epochs, cfg.num_eval, seed=cfg.seed + BASELINE_SEED,
                                       precision=cfg.precision):
                     accs.append(evaluate(net, val)["acc"])
-                    state.setdefault("baseline_test", []).append(evaluate(net, test)["acc"])
+                    state["baseline_test"].append(evaluate(net, test)["acc"])
                 nets = None  # not trained on the set itself: retrained on it at the end should it stay the best
             else:
                 for net in train_nets(data.Split(syn.images.detach(), soft_labels.targets(syn.labels.detach())),
