@@ -6,10 +6,10 @@
 One experts run per dataset (``kdd experts``, the budget's settings, with the learning rate a pipeline would give
 them for that ipc: one more experts run where that differs, e.g. a grayscale set at one image per class; or
 ``--experts-run`` for every ipc), then one ``kdd distill`` per (ipc, labels, seed) on those experts, each a fresh
-process, one after another. Each distill run tests its set
-on 3 networks and measures random real subsets of the same size under the same protocol (and, for soft or learned
-labels, the same subsets labelled by the expert that labelled the set); a cell of the table is the mean +- std over
-seeds of those per-run means. Options after ``--`` go to every ``kdd distill`` (e.g. ``-- --iterations 300``).
+process, one after another. Each distill run tests its set on 3 networks and measures random real subsets of the same
+size under the same protocol (on whitened experts, also without the whitening; for soft or learned labels, the same
+subsets labelled by the expert that labelled the set); a cell of the table is the mean +- std over seeds of those
+per-run means. Options after ``--`` go to every ``kdd distill`` (e.g. ``-- --iterations 300``).
 
 Resumable: every finished distill run is tagged with its cell (``kdd.quality_cell``) and the experts run with its
 dataset, budget (other than quick) and learning rate (``kdd.quality_experts``); run the same command again after a
@@ -45,7 +45,8 @@ PUBLISHED = {
                 "MTT": (46.3, 65.3, 71.6), "DATM": (46.9, 66.8, 76.1)},
 }
 PUBLISHED_IPC = (1, 10, 50)
-TABLE_KEYS = ("test_acc_mean", "random_subset_test_acc_mean", "random_subset_soft_test_acc_mean", "ior")
+TABLE_KEYS = ("test_acc_mean", "random_subset_test_acc_mean", "random_subset_unwhitened_test_acc_mean",
+              "random_subset_soft_test_acc_mean", "ior")
 METRICS = (*TABLE_KEYS, "best_val_acc")
 
 
@@ -163,8 +164,8 @@ def main(dataset: str, data_dir: str | None, ipcs: str, label_kinds: str, seeds:
                    f"random {row['random_subset_test_acc_mean']:.4f} ({row['wall_s']:.0f} s)", err=True)
 
     published = PUBLISHED.get(dataset, {})
-    head = ["ipc", "labels", "distilled set", "random real", "random real, expert's soft labels", "IOR",
-            "distill s (mean)", *[f"{k} (published)" for k in published]]
+    head = ["ipc", "labels", "distilled set", "random real", "random real, unwhitened",
+            "random real, expert's soft labels", "IOR", "distill s (mean)", *[f"{k} (published)" for k in published]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ipc in ipc_list:
         for kind in kinds:

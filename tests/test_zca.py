@@ -11,6 +11,7 @@ from kdd_mlflow import cli, data
 from kdd_mlflow.artifacts import find, synthetic
 from kdd_mlflow.artifacts import model as model_artifact
 from kdd_mlflow.config import DistillConfig, ExpertsConfig, KDConfig, TeacherConfig
+from kdd_mlflow.distill.evaluate import evaluate_set
 from kdd_mlflow.stages import distill as distill_stage
 from kdd_mlflow.stages import experts as experts_stage
 from kdd_mlflow.stages import kd as kd_stage
@@ -50,6 +51,17 @@ def test_distill_whitens_with_the_experts_stored_matrix(cifar):
     assert distilled.space.digest == stored.digest
     assert torch.equal(distilled.space.zca.matrix, stored.zca.matrix)
     assert mlflow.get_run(distill_run).data.params["zca_digest"] == stored.digest
+
+    # the random-subset baseline is also measured without the whitening: the same subsets and networks on the
+    # normalised images, measured on the normalised test split
+    metrics = mlflow.get_run(distill_run).data.metrics
+    raw = data.load("cifar10", cifar, 100, train_limit=400)
+    subsets = distill_stage.random_subsets(raw, DistillConfig(**COMMON, experts_run="x", ipc=1), torch.device("cpu"))
+    unwhitened = evaluate_set(subsets, "convnet-w8-d2", raw.info, raw.test, lr=0.01, epochs=2, num_nets=1,
+                              seed=distill_stage.BASELINE_SEED)
+    assert metrics["random_subset_unwhitened_test_acc_mean"] == pytest.approx(unwhitened[0], abs=0.011)
+    assert metrics["test_acc_gain_unwhitened"] == pytest.approx(
+        metrics["test_acc_mean"] - metrics["random_subset_unwhitened_test_acc_mean"])
 
 
 @pytest.mark.slow
