@@ -13,11 +13,15 @@ def test_experts_budgets():
     assert paper.zca is True and paper.train_limit is None
     quick = budgets.resolve(ExpertsConfig(dataset="cifar10", model="convnet-w8"), "cpu")
     assert quick.budget == "quick" and "model" not in quick.filled
+    # natural images: 14 epochs on whitened images, at MTT's rate
     assert (quick.cfg.model, quick.cfg.num_experts, quick.cfg.epochs, quick.cfg.train_limit, quick.cfg.zca) == \
-        ("convnet-w8", 3, 6, 10000, False)
-    assert quick.cfg.lr_teacher == 0.01  # natural images keep MTT's rate
-    for gray in ("fashion-mnist", "mnist"):  # digits and clothes train their experts at 0.1
-        assert budgets.resolve(ExpertsConfig(dataset=gray), "cpu").cfg.lr_teacher == 0.1
+        ("convnet-w8", 3, 14, 10000, True)
+    assert quick.cfg.lr_teacher == 0.01
+    for gray in ("fashion-mnist", "mnist"):  # digits and clothes: 6 epochs, unwhitened, at 0.1
+        cfg = budgets.resolve(ExpertsConfig(dataset=gray), "cpu").cfg
+        assert (cfg.epochs, cfg.zca, cfg.lr_teacher) == (6, False, 0.1)
+    given = budgets.resolve(ExpertsConfig(dataset="cifar100", epochs=6, zca=False), "cpu").cfg
+    assert (given.epochs, given.zca) == (6, False)
 
 
 def test_teacher_budget_follows_its_training_set():
@@ -198,7 +202,10 @@ def test_the_long_budget_trains_longer_experts_and_matches_along_them(dataset, e
     assert given.cfg.max_start_epoch == 5
     quick = budgets.resolve(cfg.model_copy(update={"budget": "quick"}), "cpu", experts_model="convnet-w32",
                             experts_zca=False, experts_epochs=epochs)
-    assert quick.cfg.max_start_epoch == 4  # the quick budget keeps its own bound
+    assert quick.cfg.max_start_epoch == epochs - 2  # the quick budget matches along the experts given too
+    assert budgets.resolve(cfg.model_copy(update={"budget": "quick"}), "cpu", experts_model="convnet-w32",
+                           experts_zca=False, experts_epochs=6).cfg.max_start_epoch == 4
     assert (quick.cfg.iterations, quick.cfg.eval_every) == (100, 50)
     # teacher and KD arms train as under the quick budget
     assert budgets.resolve(TeacherConfig(budget="long"), "cpu").cfg.epochs == 3
+
