@@ -205,7 +205,20 @@ def test_the_long_budget_trains_longer_experts_and_matches_along_them(dataset, e
     assert quick.cfg.max_start_epoch == epochs - 2  # the quick budget matches along the experts given too
     assert budgets.resolve(cfg.model_copy(update={"budget": "quick"}), "cpu", experts_model="convnet-w32",
                            experts_zca=False, experts_epochs=6).cfg.max_start_epoch == 4
-    assert (quick.cfg.iterations, quick.cfg.eval_every) == (100, 50)
+    assert (quick.cfg.iterations, quick.cfg.eval_every) == (50 if budgets.grayscale(dataset) else 100, 50)
     # teacher and KD arms train as under the quick budget
     assert budgets.resolve(TeacherConfig(budget="long"), "cpu").cfg.epochs == 3
 
+
+@pytest.mark.parametrize("dataset, ipc, labels, iterations", [
+    ("fashion-mnist", 10, None, 50), ("mnist", 50, "hard", 50),  # grayscale, hard labels: the set of iteration 50
+    ("fashion-mnist", 10, "learned", 100), ("fashion-mnist", 1, None, 100), ("fashion-mnist", 1, "hard", 100),
+    ("cifar10", 10, None, 100), ("cifar10", 10, "hard", 100)])
+def test_quick_iterations_stop_where_the_chosen_set_stopped_improving(dataset, ipc, labels, iterations):
+    cfg = DistillConfig(experts_run="e", budget="quick", dataset=dataset, ipc=ipc, labels=labels)
+    resolved = budgets.resolve(cfg, "cpu", experts_model="convnet-w32", experts_zca=False)
+    assert resolved.cfg.iterations == iterations and resolved.cfg.eval_every == 50
+    assert budgets.resolve(cfg.model_copy(update={"iterations": 80}), "cpu", experts_model="convnet-w32",
+                           experts_zca=False).cfg.iterations == 80
+    assert budgets.resolve(cfg.model_copy(update={"budget": "long"}), "cpu", experts_model="convnet-w32",
+                           experts_zca=False).cfg.iterations == 200
