@@ -1,5 +1,11 @@
 """The ConvNet's instance norm, ReLU and average pooling, written for trajectory matching on a CPU.
 
+The modules use these forms on the CPU only. On a GPU they run torch's own kernels: there the small sets of trajectory
+matching are bound by kernel launches, and the extra launches of the written-out forms made an MTT iteration slower
+(on an H200, CIFAR-10 ipc 10: 0.74x the speed with torch's kernels for the width-128 ConvNet at 20 unrolled steps, 0.82x
+for convnet-w32 at 10; ``benchmarks/compare_ref.py``). The functions themselves are correct on any device (the tests
+check them on CUDA where there is one).
+
 **Instance norm.** Trajectory matching differentiates the inner step's gradient again (the unrolled loop's backward,
 the adjoint's Hessian-vector product), so every layer's backward is itself differentiated. PyTorch's ``group_norm``
 switches to a composite formula once a backward must carry a graph, and differentiating that composite costs dozens
@@ -189,7 +195,7 @@ class AvgPool2(nn.AvgPool2d):
         super().__init__(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or x.dim() != 4 or x.shape[2] % 2 or x.shape[3] % 2:
+        if torch.compiler.is_compiling() or not x.is_cpu or x.dim() != 4 or x.shape[2] % 2 or x.shape[3] % 2:
             return super().forward(x)
         return avg_pool2(x)
 
@@ -233,7 +239,7 @@ class ReLU(nn.ReLU):
     """``nn.ReLU()``, computed by ``relu`` (never in place: trajectory matching differentiates through it twice)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) if torch.compiler.is_compiling() else relu(x)
+        return super().forward(x) if torch.compiler.is_compiling() or not x.is_cpu else relu(x)
 
 
 class InstanceNorm(nn.GroupNorm):
@@ -243,10 +249,12 @@ class InstanceNorm(nn.GroupNorm):
         super().__init__(channels, channels, eps=eps, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Under torch.compile the compiler derives and fuses the composite itself (and does not trace a custom
-        # function's backward inside torch.func transforms correctly). Under autocast, or with an activation in
-        # another precision than the parameters (bf16 training), group_norm's own casting rules apply: the written-out
-        # second derivative is float arithmetic for trajectory matching, which runs in the parameters' precision.
-        if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type) or x.dtype != self.weight.dtype:
+        # Off the CPU, torch's kernel (module docstring). Under torch.compile the compiler derives and fuses the
+        # composite itself (and does not trace a custom function's backward inside torch.func transforms correctly).
+        # Under autocast, or with an activation in another precision than the parameters (bf16 training), group_norm's
+        # own casting rules apply: the written-out second derivative is float arithmetic for trajectory matching,
+        # which runs in the parameters' precision.
+        if (torch.compiler.is_compiling() or not x.is_cpu or torch.is_autocast_enabled(x.device.type)
+                or x.dtype != self.weight.dtype):
             return super().forward(x)
         return instance_norm(x, self.weight, self.bias, self.eps)

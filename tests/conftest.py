@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are for people; test logs stay readable
 
@@ -71,6 +72,13 @@ def write_cifar_dataset(root: Path, name: str = "cifar10", n_train: int = 500, n
         dump(folder / "train", train_images, train_labels)
         dump(folder / "test", test_images, test_labels)
     return root
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason="no CUDA device"))])
+def device(request) -> str:
+    """A test that takes ``device`` runs on the CPU and, where there is one, on a CUDA device."""
+    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """The matching engine's gradients: the compiled step functions against the eager ones, and today's
-formulation against the one of commit d5c93dd (a reference point of the speed work), in float64."""
+formulation against the one of commit d5c93dd (a reference point of the speed work), in float64, on the CPU and,
+where there is one, on a CUDA device."""
 
 import subprocess
 import sys
@@ -28,6 +29,7 @@ start = torch.cat([p.detach().flatten() for p in model.parameters()])
 target = start + 0.05 * torch.randn(start.shape, dtype=torch.float64)
 images = torch.randn(8, 1, 16, 16, dtype=torch.float64)
 labels = torch.arange(4).repeat_interleave(2)
+model, start, target, images, labels = (t.to(DEVICE) for t in (model, start, target, images, labels))
 """
 GRADIENTS = """
 out = {}
@@ -35,15 +37,15 @@ student = FlatModel(model, **COMPILE)
 for mode in MODES:
     for name, augment in (("plain", None), ("dsa", DSA())):
         x = images.clone().requires_grad_(True)
-        lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+        lr = torch.tensor(0.05, dtype=torch.float64, device=x.device, requires_grad=True)
         loss, (gx, ga) = matching_gradients(mode, student, start, target, x, labels, lr,
                                             Unroll(syn_steps=6, batch_syn=4), augment, torch.Generator().manual_seed(3))
-        out[f"{mode}-{name}"] = (loss.detach(), gx.detach(), ga.detach().reshape(()))
+        out[f"{mode}-{name}"] = tuple(t.detach().cpu() for t in (loss, gx, ga.reshape(())))
 """
 
 
-def gradients(compile_kwargs: dict, modes=("unrolled", "recompute")) -> dict:
-    scope: dict = {"COMPILE": compile_kwargs, "MODES": modes}
+def gradients(compile_kwargs: dict, modes=("unrolled", "recompute"), device: str = "cpu") -> dict:
+    scope: dict = {"COMPILE": compile_kwargs, "MODES": modes, "DEVICE": device}
     exec(PROBLEM + GRADIENTS, scope)
     return scope["out"]
 
@@ -70,6 +72,11 @@ def test_compiled_step_functions_give_the_eager_gradients(eager):
 
 
 def reference_package(tmp: Path) -> Path | None:
+    """The reference commit's package: from git, or where the tree travels without its history, from ``.ref/d5c93dd``
+    (``git archive d5c93dd kdd_mlflow | tar -x -C .ref/d5c93dd``, as for benchmarks/compare_ref.py --ref-dir)."""
+    exported = ROOT / ".ref" / REFERENCE
+    if (exported / "kdd_mlflow").is_dir():
+        return exported
     archive = tmp / "ref.tar"
     done = subprocess.run(["git", "archive", "--format=tar", "-o", str(archive), REFERENCE, "kdd_mlflow"], cwd=ROOT,
                           capture_output=True)
@@ -80,19 +87,19 @@ def reference_package(tmp: Path) -> Path | None:
     return tmp / "ref"
 
 
-def test_gradients_equal_those_of_the_reference_commit(eager, tmp_path):
+def test_gradients_equal_those_of_the_reference_commit(eager, tmp_path, device):
     """Image and step-size gradients equal those of d5c93dd to 1e-6 relative, with and without DSA."""
     package = reference_package(tmp_path)
     if package is None:
         pytest.skip(f"commit {REFERENCE} is not in this clone's history")
     saved = tmp_path / "ref.pt"
-    setup = "COMPILE, MODES = {}, ('unrolled', 'recompute')\n"
-    script = PROBLEM + setup + GRADIENTS + f"torch.save(out, {str(saved)!r})\n"
+    setup = f"COMPILE, MODES, DEVICE = {{}}, ('unrolled', 'recompute'), {device!r}\n"
+    script = setup + PROBLEM + GRADIENTS + f"torch.save(out, {str(saved)!r})\n"
     done = subprocess.run([sys.executable, "-c", script], cwd=package, capture_output=True, text=True,
                           env={"PYTHONPATH": str(package), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     reference = torch.load(saved, weights_only=True)
-    assert_same(eager, reference, rel=1e-6)
+    assert_same(eager if device == "cpu" else gradients({}, device=device), reference, rel=1e-6)
 
 
 def test_step_functions_agree_with_autograd_by_hand():

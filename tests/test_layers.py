@@ -1,5 +1,5 @@
-"""The ConvNet's layers (kdd_mlflow/layers.py): the torch functions' values and first and second derivatives, and the
-allocator setting the stages start with."""
+"""The ConvNet's layers (kdd_mlflow/layers.py): the torch functions' values and first and second derivatives, on the
+CPU and, where there is one, on a CUDA device, and the allocator setting the stages start with."""
 
 import pytest
 import torch
@@ -10,33 +10,33 @@ from kdd_mlflow.layers import AvgPool2, InstanceNorm, avg_pool2, instance_norm, 
 from kdd_mlflow.runtime import keep_freed_memory
 
 
-def inputs(seed: int = 0, shape=(3, 4, 5, 6)):
+def inputs(seed: int = 0, shape=(3, 4, 5, 6), device: str = "cpu"):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1
     weight = torch.randn(shape[1], generator=gen, dtype=torch.float64)
     bias = torch.randn(shape[1], generator=gen, dtype=torch.float64)
-    return x.requires_grad_(True), weight.requires_grad_(True), bias.requires_grad_(True)
+    return tuple(t.to(device).requires_grad_(True) for t in (x, weight, bias))
 
 
 def reference(x, weight, bias):
     return F.group_norm(x, x.shape[1], weight, bias, 1e-5)
 
 
-def test_first_and_second_derivatives_pass_gradcheck():
-    x, weight, bias = inputs()
+def test_first_and_second_derivatives_pass_gradcheck(device):
+    x, weight, bias = inputs(device=device)
     assert torch.autograd.gradcheck(instance_norm, (x, weight, bias))
     assert torch.autograd.gradgradcheck(instance_norm, (x, weight, bias))
 
 
 @pytest.mark.parametrize("uses", ["all", "dx", "dweight", "dbias", "dweight+dbias"])
-def test_second_derivatives_equal_group_norms(uses):
+def test_second_derivatives_equal_group_norms(uses, device):
     """The double backward of every part of the backward (dx, dweight, dbias, alone or together) equals
     group_norm's, with respect to x and weight, and the gradient with respect to dy (the unrolled loop's path)."""
     results = []
     for fn in (instance_norm, reference):
-        x, weight, bias = inputs(1)
-        upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64,
-                               requires_grad=True)
+        x, weight, bias = inputs(1, device=device)
+        upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        upstream = upstream.to(device).requires_grad_(True)
         y = fn(x, weight, bias)
         torch.testing.assert_close(y, reference(x, weight, bias))
         dx, dweight, dbias = torch.autograd.grad((y * upstream).sum(), (x, weight, bias), create_graph=True)
@@ -48,11 +48,11 @@ def test_second_derivatives_equal_group_norms(uses):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_torch_func_transforms_give_group_norms_hessian_vector_products():
+def test_torch_func_transforms_give_group_norms_hessian_vector_products(device):
     """torch.func.vjp of torch.func.grad (the form the compiled engine uses) through the written-out derivative."""
-    x, weight, bias = (t.detach() for t in inputs(3))
-    probe = torch.randn(x.shape, dtype=torch.float64)
-    lam = torch.randn(weight.shape, dtype=torch.float64)
+    x, weight, bias = (t.detach() for t in inputs(3, device=device))
+    probe = torch.randn(x.shape, dtype=torch.float64).to(device)
+    lam = torch.randn(weight.shape, dtype=torch.float64).to(device)
     out = []
     for fn in (instance_norm, reference):
         def loss(w, xx, fn=fn):
@@ -71,14 +71,14 @@ def test_the_module_is_a_groupnorm_with_one_group_per_channel():
     assert sum(isinstance(m, InstanceNorm) for m in convnet.modules()) == 2
 
 
-def test_under_bf16_autocast_the_module_computes_what_group_norm_does():
+def test_under_bf16_autocast_the_module_computes_what_group_norm_does(device):
     """--precision bf16 training: a bfloat16 activation with float32 parameters, to the second derivative."""
     results = []
-    for norm in (InstanceNorm(4), torch.nn.GroupNorm(4, 4)):
+    for norm in (InstanceNorm(4).to(device), torch.nn.GroupNorm(4, 4).to(device)):
         torch.manual_seed(0)
         torch.nn.init.normal_(norm.weight)
-        x = torch.randn(2, 4, 6, 6).to(torch.bfloat16).requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.randn(2, 4, 6, 6).to(device, torch.bfloat16).requires_grad_(True)
+        with torch.autocast(device, dtype=torch.bfloat16):
             y = norm(x)
         dx, dw = torch.autograd.grad(y.float().square().sum(), (x, norm.weight), create_graph=True)
         results.append([y, dx, dw, *torch.autograd.grad(dx.float().square().sum() + dw.sum(), (x, norm.weight))])
@@ -87,15 +87,15 @@ def test_under_bf16_autocast_the_module_computes_what_group_norm_does():
         torch.testing.assert_close(got, want)
 
 
-def test_an_empty_batch_normalises_to_an_empty_batch():
-    x, weight, bias = inputs(4, shape=(0, 4, 5, 6))
+def test_an_empty_batch_normalises_to_an_empty_batch(device):
+    x, weight, bias = inputs(4, shape=(0, 4, 5, 6), device=device)
     y = instance_norm(x, weight, bias)
     assert y.shape == x.shape
     torch.testing.assert_close(y, reference(x, weight, bias))
 
 
-def test_pooling_and_its_derivatives_equal_avg_pool2d():
-    x = torch.randn(3, 4, 6, 8, dtype=torch.float64, requires_grad=True)
+def test_pooling_and_its_derivatives_equal_avg_pool2d(device):
+    x = torch.randn(3, 4, 6, 8, dtype=torch.float64).to(device).requires_grad_(True)
     assert torch.autograd.gradcheck(avg_pool2, (x,))
     assert torch.autograd.gradgradcheck(avg_pool2, (x,))
     results = []
@@ -107,8 +107,8 @@ def test_pooling_and_its_derivatives_equal_avg_pool2d():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_relu_and_its_derivatives_equal_f_relu():
-    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+def test_relu_and_its_derivatives_equal_f_relu(device):
+    x = torch.randn(4, 5, dtype=torch.float64).to(device).requires_grad_(True)
     assert torch.autograd.gradgradcheck(relu, (x,))
     results = []
     for fn in (relu, F.relu):
@@ -117,6 +117,23 @@ def test_relu_and_its_derivatives_equal_f_relu():
         results.append([y, dx, *torch.autograd.grad((dx * dx).sum(), x)])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_off_the_cpu_the_modules_run_torchs_own_kernels(monkeypatch):
+    """On a GPU the written-out forms cost launches (kdd_mlflow/layers.py): the modules use them on the CPU only. A
+    tensor on the meta device stands in for one on a GPU."""
+    from kdd_mlflow import layers
+
+    calls = []
+    for name in ("instance_norm", "avg_pool2", "relu"):
+        original = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    convnet = models.create("convnet-w8-d2", 1, 10, 28)
+    convnet(torch.randn(2, 1, 28, 28))
+    assert sorted(set(calls)) == ["avg_pool2", "instance_norm", "relu"]
+    calls.clear()
+    out = convnet.to("meta")(torch.randn(2, 1, 28, 28, device="meta"))
+    assert out.shape == (2, 10) and calls == []
 
 
 def test_the_pool_module_falls_back_on_odd_sides_and_the_function_refuses_them():
