@@ -116,6 +116,40 @@ def test_train_stage_logs_run_and_model_round_trips(fake_fashion):
 
 
 @pytest.mark.real_data
+def test_a_model_logged_on_a_gpu_machine_passes_its_input_example_check_and_loads_on_the_cpu(monkeypatch):
+    """MLflow loads a pyfunc on CUDA wherever there is one, and refuses a pt2 program exported on the CPU there. The
+    input-example check at logging time runs on the CPU, where the program was exported (here CUDA is pretended: the
+    check fails before anything runs on a device)."""
+    import logging
+
+    from kdd_mlflow.artifacts.space import InputSpace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", raising=False)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("mlflow.models.model")
+    logger.addHandler(handler)
+    model = models.create("convnet-w8-d2", 1, 10, 28)
+    example = torch.randn(4, 1, 28, 28)
+    try:
+        with mlflow.start_run() as run:
+            model_artifact.log(model, "convnet-w8-d2", InputSpace("fashion-mnist"), example)
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "Failed to validate serving input example" in r.getMessage()]
+    assert "MLFLOW_DEFAULT_PREDICTION_DEVICE" not in os.environ  # restored
+    uri = f"runs:/{run.info.run_id}/model"
+    with pytest.raises(mlflow.exceptions.MlflowException, match="can't be loaded on 'cuda'"):
+        mlflow.pyfunc.load_model(uri)  # what the docstring of model_artifact.log tells GPU users to avoid
+    loaded = mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(torch.as_tensor(loaded.predict(example.numpy())), model(example),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_train_on_real_fashion_mnist_subset(real_fashion):
     cfg = TrainConfig(dataset="fashion-mnist", model="convnet-w32", epochs=2, batch_size=64, lr=0.05,
                       train_limit=3000)

@@ -10,9 +10,11 @@ against (``weights/model.test.safetensors``), so a report reads them instead of 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -83,14 +85,33 @@ def requirements() -> list[str]:
             for name in ("mlflow", "torch", "numpy", "pandas", "cloudpickle")]
 
 
+@contextlib.contextmanager
+def predicting_on_cpu():
+    """MLflow checks a logged model's input example by loading it as a pyfunc on its default prediction device, which is
+    CUDA wherever there is one, and a pt2 program exported from a CPU copy loads on the CPU only: on a GPU machine the
+    check failed and left a warning for every model. Inside this block it loads where the program was exported."""
+    saved = os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE")
+    os.environ["MLFLOW_DEFAULT_PREDICTION_DEVICE"] = "cpu"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_DEFAULT_PREDICTION_DEVICE", None)
+        else:
+            os.environ["MLFLOW_DEFAULT_PREDICTION_DEVICE"] = saved
+
+
 def log(model: nn.Module, name: str, space: InputSpace, example: torch.Tensor, artifact: str = "model",
         test: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Log ``model`` (registry name ``name``, taking inputs in ``space``) to the active run; ``test``: its
-    logits on the test split and the labels of that split."""
+    logits on the test split and the labels of that split. The MLflow model is exported on the CPU, so it loads on
+    any machine; on a GPU machine load it with ``mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"})`` (or
+    ``MLFLOW_DEFAULT_PREDICTION_DEVICE=cpu``), as MLflow otherwise moves a pyfunc to CUDA and refuses a CPU program."""
     model.eval()
     cpu_model = copy.deepcopy(model).to("cpu")
-    mlflow.pytorch.log_model(cpu_model, name=artifact, input_example=example[:2].detach().cpu().numpy(),
-                             serialization_format="pt2", pip_requirements=requirements())
+    with predicting_on_cpu():
+        mlflow.pytorch.log_model(cpu_model, name=artifact, input_example=example[:2].detach().cpu().numpy(),
+                                 serialization_format="pt2", pip_requirements=requirements())
     with tempfile.TemporaryDirectory() as tmp:
         save_file({k: v.contiguous() for k, v in cpu_model.state_dict().items()}, f"{tmp}/{artifact}.safetensors")
         if space.zca is not None:
