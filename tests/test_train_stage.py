@@ -115,7 +115,6 @@ def test_train_stage_logs_run_and_model_round_trips(fake_fashion):
         model_artifact.load(run_id, expect={"dataset": "mnist"})
 
 
-@pytest.mark.real_data
 def test_a_model_logged_on_a_gpu_machine_passes_its_input_example_check_and_loads_on_the_cpu(monkeypatch):
     """MLflow loads a pyfunc on CUDA wherever there is one, and refuses a pt2 program exported on the CPU there. The
     input-example check at logging time runs on the CPU, where the program was exported (here CUDA is pretended: the
@@ -150,6 +149,7 @@ def test_a_model_logged_on_a_gpu_machine_passes_its_input_example_check_and_load
                                    rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.real_data
 def test_train_on_real_fashion_mnist_subset(real_fashion):
     cfg = TrainConfig(dataset="fashion-mnist", model="convnet-w32", epochs=2, batch_size=64, lr=0.05,
                       train_limit=3000)
