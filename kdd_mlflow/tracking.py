@@ -268,18 +268,31 @@ def mark_failed(reason: str) -> None:
         log.warning("could not mark run %s failed: %s", run_id, exc)
 
 
-def download(run_id: str, path: str, dst: str | Path | None = None) -> Path:
-    """Download one artifact of a run, with an error that names the run and the file."""
+def download(run_id: str, path: str, dst: str | Path) -> Path:
+    """Download one artifact of a run into ``dst``, with an error that names the run and the file."""
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst))
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
     except Exception as exc:
         raise ArtifactError(f"run {run_id}: cannot fetch artifact {path!r}: {first_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def fetched(run_id: str, path: str, dst: str | Path | None = None) -> Iterator[Path]:
+    """One artifact of a run, local while the block runs: in ``dst``, or in a temporary directory removed after it.
+    MLflow downloads into a fresh temporary directory of its own where no destination is given and never removes
+    it, so every read of a whitened run's 75 MB input space used to leave a copy behind."""
+    if dst is not None:
+        yield download(run_id, path, dst)
+        return
+    with tempfile.TemporaryDirectory(prefix="kdd-artifact-") as tmp:
+        yield download(run_id, path, tmp)
 
 
 def load_json(run_id: str, path: str, dst: str | Path | None = None) -> dict:
     """A JSON artifact (a spec or manifest) as a dict, or an error that names the run and the file."""
     try:
-        loaded = json.loads(download(run_id, path, dst).read_text())
+        with fetched(run_id, path, dst) as local:
+            loaded = json.loads(local.read_text())
     except ArtifactError:
         raise
     except (OSError, ValueError) as exc:
@@ -291,8 +304,8 @@ def load_json(run_id: str, path: str, dst: str | Path | None = None) -> dict:
 
 def load_tensors(run_id: str, path: str, dst: str | Path | None = None) -> dict[str, torch.Tensor]:
     """A safetensors artifact (never unpickled), or an error that names the run and the file."""
-    local = download(run_id, path, dst)
-    try:
-        return load_file(str(local))
-    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
-        raise ArtifactError(f"run {run_id}: {path} is unreadable: {first_line(exc)}") from None
+    with fetched(run_id, path, dst) as local:
+        try:
+            return load_file(str(local))
+        except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+            raise ArtifactError(f"run {run_id}: {path} is unreadable: {first_line(exc)}") from None

@@ -93,3 +93,35 @@ def test_a_dataset_logged_by_two_runs_at_once_is_linked_on_the_next_attempt(monk
     with pytest.raises(MlflowException, match="run gone"):
         lineage.log_input(object(), "training")
     assert calls == ["training"]  # any other error is not retried
+
+
+def test_reading_an_artifact_leaves_no_copy_in_the_temporary_directory(tmp_path, monkeypatch):
+    """Through a tracking server, MLflow downloads an artifact asked for without a destination into a fresh temporary
+    directory and never removes it (a whitened run's input space is 75 MB). The readers give it one of their own."""
+    import json
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    (tmp_path / "files").mkdir()
+    save_file({"w": torch.arange(6.0).reshape(2, 3)}, str(tmp_path / "files" / "space.safetensors"))
+    (tmp_path / "files" / "manifest.json").write_text(json.dumps({"experts": [1, 2]}))
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(tmp_path / "files"), "kept")
+
+    real = mlflow.artifacts.download_artifacts
+
+    def as_a_server_does(*args, dst_path=None, **kwargs):  # what the remote artifact repositories do
+        return real(*args, dst_path=dst_path or tempfile.mkdtemp(), **kwargs)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", as_a_server_does)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    run_id = run.info.run_id
+    assert tracking.load_json(run_id, "kept/manifest.json") == {"experts": [1, 2]}
+    assert torch.equal(tracking.load_tensors(run_id, "kept/space.safetensors")["w"], torch.arange(6.0).reshape(2, 3))
+    assert list(scratch.iterdir()) == []
+    with pytest.raises(tracking.ArtifactError, match="kept/missing.json"):
+        tracking.load_json(run_id, "kept/missing.json")
+    assert list(scratch.iterdir()) == []
