@@ -94,8 +94,27 @@ def test_non_finite_loss_skips_the_update_and_keeps_the_images():
 def test_step_size_cannot_turn_negative():
     _, _, _, images, labels = tiny_problem()
     syn = SyntheticSet(images, labels, syn_lr=0.01, lr_img=1.0, lr_lr=10.0)
-    syn.update(syn.syn_lr * 100.0)  # a gradient step of -1000 on a step size of 0.01
-    assert syn.syn_lr.item() > 0
+    assert syn.update(syn.images.sum() + syn.syn_lr * 100.0)  # a gradient step of -1000 on a step size of 0.01
+    assert syn.syn_lr.item() == pytest.approx(1e-5)  # its floor
+
+
+def test_a_spike_in_the_step_size_gradient_skips_the_update():
+    _, _, _, images, labels = tiny_problem()
+    syn = SyntheticSet(images, labels, syn_lr=0.1, lr_img=1.0, lr_lr=1e-5)
+    for size in (0.5, 2.0, -1.0, 3.0):  # ordinary gradients, of either sign: applied as plain SGD
+        before = syn.syn_lr.item()
+        assert syn.update(syn.images.sum() + size * syn.syn_lr) is True and syn.skip_reason is None
+    assert syn.syn_lr.item() != before
+    kept = syn.state_dict()
+    images, lr = syn.images.detach().clone(), syn.syn_lr.item()
+    assert syn.update(syn.images.sum() + 8200.0 * syn.syn_lr) is False  # the jump seen at 20 unrolled steps
+    assert syn.skip_reason == "spike"
+    assert torch.equal(syn.images.detach(), images) and syn.syn_lr.item() == lr  # nothing moved
+    assert syn.update(syn.images.sum() - 40.0 * syn.syn_lr) is True  # about 40x the running mean: not a spike
+    again = SyntheticSet(images, labels, syn_lr=0.1, lr_img=1.0, lr_lr=1e-5)
+    again.load_state_dict(kept)  # a resumed run knows the running mean too
+    assert again.lr_grad_scale == kept["lr_grad_scale"] > 0
+    assert again.update(again.images.sum() + 8200.0 * again.syn_lr) is False
 
 
 def test_expert_snapshots_are_copies(fake_fashion):

@@ -167,6 +167,10 @@ def run(asked: DistillConfig) -> str:
             metrics = {"syn_lr": syn.syn_lr.item(), "skipped_updates": state["skipped"], "max_start_epoch_now": top}
             if applied:
                 metrics["matching_loss"] = loss
+            elif syn.skip_reason == "spike":
+                log.warning("iteration %d: the step size's gradient is more than %g times its running mean (an "
+                            "unstable unroll); update skipped. If it recurs, unroll fewer --syn-steps or start from a "
+                            "lower --lr-teacher", it, syn.spike_ratio)
             else:
                 log.warning("iteration %d: non-finite matching loss or gradient; update skipped", it)
             mlflow.log_metrics(metrics, step=it)
