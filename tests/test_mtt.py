@@ -101,20 +101,24 @@ def test_step_size_cannot_turn_negative():
 def test_a_spike_in_the_step_size_gradient_skips_the_update():
     _, _, _, images, labels = tiny_problem()
     syn = SyntheticSet(images, labels, syn_lr=0.1, lr_img=1.0, lr_lr=1e-5)
-    for size in (0.5, 2.0, -1.0, 3.0):  # ordinary gradients, of either sign: applied as plain SGD
+    for size in (1e-3, 2.0, -1.0, 1.0) * 3:  # the warm-up: never judged, even after a tiny first gradient
         before = syn.syn_lr.item()
         assert syn.update(syn.images.sum() + size * syn.syn_lr) is True and syn.skip_reason is None
-    assert syn.syn_lr.item() != before
-    kept = syn.state_dict()
-    images, lr = syn.images.detach().clone(), syn.syn_lr.item()
+        assert syn.syn_lr.item() == pytest.approx(before - 1e-5 * size, abs=3e-5)  # SGD with momentum
+    assert syn.lr_grad_count == 12 and 1.0 < syn.lr_grad_scale < 1.2
+    kept = {k: v.clone() if torch.is_tensor(v) else v for k, v in syn.state_dict().items()}
+    images, lr, scale = syn.images.detach().clone(), syn.syn_lr.item(), syn.lr_grad_scale
     assert syn.update(syn.images.sum() + 8200.0 * syn.syn_lr) is False  # the jump seen at 20 unrolled steps
     assert syn.skip_reason == "spike"
     assert torch.equal(syn.images.detach(), images) and syn.syn_lr.item() == lr  # nothing moved
-    assert syn.update(syn.images.sum() - 40.0 * syn.syn_lr) is True  # about 40x the running mean: not a spike
+    assert syn.lr_grad_scale == pytest.approx(0.9 * scale + 0.1 * 100 * scale)  # fed the capped value
+    assert syn.update(syn.images.sum() - 40.0 * syn.syn_lr) is True and syn.skip_reason is None
     again = SyntheticSet(images, labels, syn_lr=0.1, lr_img=1.0, lr_lr=1e-5)
     again.load_state_dict(kept)  # a resumed run knows the running mean too
-    assert again.lr_grad_scale == kept["lr_grad_scale"] > 0
+    assert (again.lr_grad_scale, again.lr_grad_count) == (scale, 12)
     assert again.update(again.images.sum() + 8200.0 * again.syn_lr) is False
+    # a lasting change of scale is accepted after two skipped updates
+    assert [again.update(again.images.sum() + 1e4 * again.syn_lr) for _ in range(3)] == [False, True, True]
 
 
 def test_expert_snapshots_are_copies(fake_fashion):

@@ -234,8 +234,11 @@ def matching_loss(end: torch.Tensor, start: torch.Tensor, target: torch.Tensor) 
 # logged by the runs measured before (Fashion-MNIST and CIFAR-10, ipc 1 and 10, up to 300 iterations) no update exceeded
 # about 5 times that mean; the CIFAR-10 ipc 1 quick set, whose step size moves by up to 24% in one update, comes out
 # bit for bit the same with this guard.
+# The mean is that of the applied updates until it covers SPIKE_WARMUP of them, which are not judged; a spike still
+# feeds it, capped at the threshold, so a lasting change of scale is accepted after two skipped updates.
 SPIKE_RATIO = 100.0
 SPIKE_DECAY = 0.9
+SPIKE_WARMUP = 10
 
 
 class SyntheticSet:
@@ -244,8 +247,8 @@ class SyntheticSet:
     Labels are hard (int64 classes) or soft (float logits per class: the inner loop's targets are their
     softmax); ``learn_labels`` makes soft labels learnable through the matching loss (DATM), with their own
     SGD (``lr_label``, momentum 0.9). An update whose gradients are not finite, or whose step-size gradient is a
-    spike (``spike_ratio`` times the running mean of the applied ones), is skipped; ``skip_reason`` says why the
-    last one was.
+    spike (``spike_ratio`` times the running mean of the applied ones, after SPIKE_WARMUP of them), is skipped;
+    ``skip_reason`` says why the last one was.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, syn_lr: float, lr_img: float, lr_lr: float,
@@ -260,7 +263,8 @@ class SyntheticSet:
         self.opt_lr = torch.optim.SGD([self.syn_lr], lr=lr_lr, momentum=0.5)
         self.opt_label = torch.optim.SGD([self.labels], lr=lr_label, momentum=0.9) if learn_labels else None
         self.spike_ratio = spike_ratio
-        self.lr_grad_scale: float | None = None  # running mean |d loss / d syn_lr| of the applied updates
+        self.lr_grad_scale = 0.0  # running mean |d loss / d syn_lr| of the applied updates
+        self.lr_grad_count = 0  # how many it covers
         self.skip_reason: str | None = None
 
     @property
@@ -287,18 +291,23 @@ class SyntheticSet:
                 tensor.grad = grad.reshape(tensor.shape)
         if any(t.grad is None or not torch.isfinite(t.grad).all() for t in self.learnable):
             return self.skip("non-finite")
-        size = self.syn_lr.grad.abs().item()
-        if self.lr_grad_scale:  # known and non-zero
-            if size > self.spike_ratio * self.lr_grad_scale:
-                return self.skip("spike")
-            self.lr_grad_scale = SPIKE_DECAY * self.lr_grad_scale + (1 - SPIKE_DECAY) * size
-        else:
-            self.lr_grad_scale = size
+        if self.spiked(self.syn_lr.grad.abs().item()):
+            return self.skip("spike")
         for opt in self.optimizers:
             opt.step()
         with torch.no_grad():  # projected step: the step size never reaches zero or below
             self.syn_lr.clamp_(min=self.lr_floor)
         return True
+
+    def spiked(self, size: float) -> bool:
+        """Whether a step-size gradient of magnitude ``size`` is a spike; the running mean takes it in either way
+        (a spike capped at the threshold)."""
+        threshold = self.spike_ratio * self.lr_grad_scale
+        spike = self.lr_grad_count >= SPIKE_WARMUP and size > threshold
+        decay = min(SPIKE_DECAY, self.lr_grad_count / (self.lr_grad_count + 1))
+        self.lr_grad_scale = decay * self.lr_grad_scale + (1 - decay) * (min(size, threshold) if spike else size)
+        self.lr_grad_count += not spike
+        return spike
 
     def skip(self, reason: str) -> bool:
         for opt in self.optimizers:
@@ -309,7 +318,8 @@ class SyntheticSet:
     def state_dict(self) -> dict:
         state = {"images": self.images.detach().cpu(), "labels": self.labels.detach().cpu(),
                  "syn_lr": self.syn_lr.detach().cpu(), "opt_img": self.opt_img.state_dict(),
-                 "opt_lr": self.opt_lr.state_dict(), "lr_grad_scale": self.lr_grad_scale}
+                 "opt_lr": self.opt_lr.state_dict(), "lr_grad_scale": self.lr_grad_scale,
+                 "lr_grad_count": self.lr_grad_count}
         if self.opt_label is not None:
             state["opt_label"] = self.opt_label.state_dict()
         return state
@@ -321,7 +331,8 @@ class SyntheticSet:
             self.labels.copy_(state["labels"])
         self.opt_img.load_state_dict(state["opt_img"])
         self.opt_lr.load_state_dict(state["opt_lr"])
-        self.lr_grad_scale = state.get("lr_grad_scale")  # absent from checkpoints of older versions
+        # absent from checkpoints of older versions: the mean starts again, with its warm-up
+        self.lr_grad_scale, self.lr_grad_count = state.get("lr_grad_scale", 0.0), state.get("lr_grad_count", 0)
         if self.opt_label is not None:
             self.opt_label.load_state_dict(state["opt_label"])
 
