@@ -196,14 +196,16 @@ def test_the_long_budget_trains_longer_experts_and_matches_along_them(dataset, e
     distill = budgets.resolve(cfg, "cpu", experts_model="convnet-w32", experts_zca=False, experts_lr=lr,
                               experts_epochs=epochs)
     assert distill.budget == "long" and distill.cfg.max_start_epoch == epochs - 2
-    assert (distill.cfg.iterations, distill.cfg.eval_every, distill.cfg.eval_epochs) == (200, 100, 200)
-    # the grayscale sets (hard labels at ipc 10) unroll 15 steps, the others the quick budget's 10
+    # the grayscale sets (hard labels at ipc 10) unroll 15 steps for 250 iterations evaluated at 0, 200 and 250, the
+    # others the quick budget's 10 for 200 evaluated every 100
     if budgets.grayscale(dataset):
         assert distill.cfg.labels == "hard"
-    assert distill.cfg.syn_steps == (15 if budgets.grayscale(dataset) else 10)
+    grayscale_hard = budgets.grayscale(dataset)
+    assert (distill.cfg.syn_steps, distill.cfg.iterations, distill.cfg.eval_every, distill.cfg.eval_epochs) == (
+        (15, 250, 200, 200) if grayscale_hard else (10, 200, 100, 200))
     learned = budgets.resolve(cfg.model_copy(update={"labels": "learned"}), "cpu", experts_model="convnet-w32",
                               experts_zca=False, experts_lr=lr, experts_epochs=epochs)
-    assert learned.cfg.syn_steps == 10
+    assert (learned.cfg.syn_steps, learned.cfg.iterations, learned.cfg.eval_every) == (10, 200, 100)
     given = budgets.resolve(cfg.model_copy(update={"max_start_epoch": 5}), "cpu", experts_model="convnet-w32",
                             experts_zca=False, experts_epochs=epochs)
     assert given.cfg.max_start_epoch == 5
@@ -228,4 +230,4 @@ def test_quick_iterations_stop_where_the_chosen_set_stopped_improving(dataset, i
     assert budgets.resolve(cfg.model_copy(update={"iterations": 80}), "cpu", experts_model="convnet-w32",
                            experts_zca=False).cfg.iterations == 80
     assert budgets.resolve(cfg.model_copy(update={"budget": "long"}), "cpu", experts_model="convnet-w32",
-                           experts_zca=False).cfg.iterations == 200
+                           experts_zca=False).cfg.iterations == (250 if iterations == 50 else 200)
