@@ -25,7 +25,7 @@ from kdd_mlflow.artifacts import find, synthetic
 from kdd_mlflow.artifacts import model as model_artifact
 from kdd_mlflow.backends import Backend, StageFailed, StageRun, failure_reason, project_dir
 from kdd_mlflow.config import STAGE_CONFIGS, CombinedConfig, PipelineConfig
-from kdd_mlflow.runtime import first_line, pick_device
+from kdd_mlflow.runtime import environment, first_line, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +99,11 @@ class Runner:
                 self.reused.append(found)
                 return found
         log.info("%s: starting stage %s", name, stage)
-        saved = {k: os.environ.get(k) for k in env or {}}
-        os.environ.update(env or {})
         try:
-            submitted = self.backend.submit(stage, full, self.experiment_id, name, self.env_manager)
+            with environment(env):
+                submitted = self.backend.submit(stage, full, self.experiment_id, name, self.env_manager)
         except mlflow.projects.ExecutionException as exc:
             raise StageFailed(f"stage {name} could not start: {first_line(exc)}") from None
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         if arm:
             MlflowClient().set_tag(submitted.run_id, ARM_TAG, arm)
         self.started.append(submitted.run_id)

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
+import os
 import random
 import sys
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def environment(variables: Mapping[str, str] | None) -> Iterator[None]:
+    """Set these environment variables while the block runs, then restore each one as it was (or unset)."""
+    variables = dict(variables or {})
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def pick_device(preference: str = "auto") -> torch.device:

@@ -10,11 +10,9 @@ against (``weights/model.test.safetensors``), so a report reads them instead of 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -27,6 +25,7 @@ from torch import nn
 
 from kdd_mlflow import models, tracking
 from kdd_mlflow.artifacts.space import InputSpace
+from kdd_mlflow.runtime import environment
 from kdd_mlflow.train import predict_logits
 
 DIRECTORY = "weights"
@@ -85,20 +84,11 @@ def requirements() -> list[str]:
             for name in ("mlflow", "torch", "numpy", "pandas", "cloudpickle")]
 
 
-@contextlib.contextmanager
 def predicting_on_cpu():
     """MLflow checks a logged model's input example by loading it as a pyfunc on its default prediction device, which is
     CUDA wherever there is one, and a pt2 program exported from a CPU copy loads on the CPU only: on a GPU machine the
     check failed and left a warning for every model. Inside this block it loads where the program was exported."""
-    saved = os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE")
-    os.environ["MLFLOW_DEFAULT_PREDICTION_DEVICE"] = "cpu"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_DEFAULT_PREDICTION_DEVICE", None)
-        else:
-            os.environ["MLFLOW_DEFAULT_PREDICTION_DEVICE"] = saved
+    return environment({"MLFLOW_DEFAULT_PREDICTION_DEVICE": "cpu"})
 
 
 def log(model: nn.Module, name: str, space: InputSpace, example: torch.Tensor, artifact: str = "model",
