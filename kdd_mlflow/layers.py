@@ -1,4 +1,4 @@
-"""The ConvNet's instance norm, ReLU and average pooling, written for trajectory matching on a CPU.
+"""The ConvNet's convolution, instance norm, ReLU and average pooling, written for trajectory matching on a CPU.
 
 The modules use these forms on the CPU only. On a GPU they run torch's own kernels: there the small sets of trajectory
 matching are bound by kernel launches, and the extra launches of the written-out forms made an MTT iteration slower
@@ -25,6 +25,16 @@ and, given the upstream gradients u, v, w of (dx, dgamma, dbeta):
 Both are linear combinations of u, dy, x^ and a constant with per-group coefficients, so each is a few fused passes
 after five per-group reductions. The values equal ``F.group_norm``'s with one group per channel (the tests check the
 first and second derivatives against it, and gradgradcheck, in float64).
+
+**Convolution.** The backward of y = conv(x, W) + b is dx = conv^T(dy, W), dW = conv_w(x, dy), db = sum dy, each
+linear in dy. Its derivative, given upstream u, v, w for (dx, dW, db), is three passes of the same kinds:
+
+    d/d dy = conv(u, W) + conv(x, v) + w,   d/d W = conv_w(u, dy),   d/d x = conv^T(dy, v)
+
+written here with ``convolution_backward`` for the last two. PyTorch's own double backward forms them as convolutions
+over transposed tensors (batch and channels swapped): at batch 100 on a 2-core CPU it took 1.08-1.75x as long on the
+ConvNet's layers, most on the first (``benchmarks/conv_derivatives.py``). With one input channel (MNIST,
+Fashion-MNIST), the weight gradient is a batched product over the input's windows (``_conv_backward``).
 
 **2x2 average pooling.** On a CPU, ``avg_pool2d`` and its backward over contiguous (NCHW) activations run 2.5-3x
 slower than adding the four strided quarter-images and spreading a gradient with a depthwise transposed
@@ -67,6 +77,95 @@ def row_major(x: torch.Tensor) -> torch.Tensor:
     if x.stride() == _row_major_strides(x.shape):
         return x
     return x.clone(memory_format=torch.contiguous_format)
+
+
+class _Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(x, weight, bias, geometry):
+        stride, padding, dilation, groups = geometry
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, geometry = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.geometry, ctx.with_bias = geometry, bias is not None
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx, dweight, dbias = _Conv2dBackward.apply(dy, x, weight, ctx.geometry, ctx.needs_input_grad[0], ctx.with_bias)
+        return dx, dweight, dbias, None
+
+
+def _conv_backward(dy, x, weight, geometry, mask, with_bias: bool = False):
+    stride, padding, dilation, groups = geometry
+    if mask[1] and x.shape[1] == 1 and stride == dilation == (1, 1) and groups == 1:
+        # One input channel: oneDNN's weight gradient runs at a fraction of its speed on more channels (3.7 ms
+        # against 1.5 ms for this form at 100 x 1 x 28 x 28 -> 32 channels); here it is one batched product of dy
+        # with the input's k x k windows, gathered by one strided copy.
+        dx = aten.convolution_backward(dy, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+                                       [True, False, False])[0] if mask[0] else None
+        (n, _, kh, kw), (h, w) = (x.shape[0], *weight.shape[1:]), dy.shape[2:]
+        padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        ph, pw = padded.shape[2:]
+        windows = padded.as_strided((n, kh, kw, h, w), (ph * pw, pw, 1, pw, 1)).reshape(n, kh * kw, h * w)
+        dweight = torch.bmm(dy.reshape(n, -1, h * w), windows.transpose(1, 2)).sum(0).view(weight.shape)
+        return dx, dweight, dy.sum((0, 2, 3)) if mask[2] else None
+    return aten.convolution_backward(dy, x, weight, [weight.shape[0]] if with_bias else None, stride, padding,
+                                     dilation, False, [0, 0], groups, mask)
+
+
+class _Conv2dBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(dy, x, weight, geometry, input_grad, with_bias):
+        return _conv_backward(dy.contiguous(), x, weight, geometry, [input_grad, True, with_bias], with_bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dy, x, weight, geometry, _, _ = inputs
+        ctx.save_for_backward(dy, x, weight)
+        ctx.geometry = geometry
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
+
+    @staticmethod
+    def backward(ctx, u, v, w):
+        dy, x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = geometry = ctx.geometry
+        need_dy, need_x, need_weight = ctx.needs_input_grad[:3]
+        g_dy = g_x = g_weight = None
+        if need_dy and (u is not None or v is not None or w is not None):
+            # dx = conv^T(dy, weight), dweight = conv_w(x, dy), dbias = sum dy: each is linear in dy
+            if v is not None or w is not None:
+                g_dy = F.conv2d(x, weight.new_zeros(weight.shape) if v is None else v, w, stride, padding, dilation,
+                                groups)
+            if u is not None:
+                from_u = F.conv2d(u, weight, None, stride, padding, dilation, groups)
+                g_dy = from_u if g_dy is None else g_dy + from_u
+        if need_x and v is not None:  # through dweight = conv_w(x, dy): the transposed convolution of dy with v
+            g_x = _conv_backward(dy, x, v, geometry, [True, False, False])[0]
+        if need_weight and u is not None:  # through dx = conv^T(dy, weight): the weight gradient of conv(u, .) at dy
+            g_weight = _conv_backward(dy, u, weight, geometry, [False, True, False])[1]
+        return g_dy, g_x, g_weight, None, None, None
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=(1, 1), padding=(0, 0),
+           dilation=(1, 1), groups: int = 1) -> torch.Tensor:
+    """``F.conv2d`` (numeric padding) whose backward, differentiated again, is three native convolution passes."""
+    pair = torch.nn.modules.utils._pair
+    return _Conv2d.apply(x, weight, bias, (pair(stride), pair(padding), pair(dilation), groups))
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d``, the same parameters and state dict, computed by ``conv2d`` on the CPU (zero padding)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Torch's own where no graph is built (its call costs less), and off the CPU as the other layers
+        if (not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad)
+                or torch.compiler.is_compiling() or not x.is_cpu or torch.is_autocast_enabled("cpu")
+                or isinstance(self.padding, str) or self.padding_mode != "zeros" or x.dtype != self.weight.dtype):
+            return super().forward(x)
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def _groups(x: torch.Tensor) -> tuple[int, int, int]:

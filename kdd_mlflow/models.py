@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kdd_mlflow.layers import AvgPool2, InstanceNorm, ReLU, row_major
+from kdd_mlflow.layers import AvgPool2, Conv2d, InstanceNorm, ReLU, row_major
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: list[tuple[re.Pattern[str], Builder, str]] = []
@@ -63,8 +63,9 @@ class ConvNet(nn.Module):
     """The ConvNet of the dataset-distillation literature.
 
     ``depth`` blocks of conv3x3 (``width`` channels) -> instance norm (GroupNorm with one group per channel,
-    affine) -> ReLU -> 2x2 average pool, then a linear classifier; the norm, the ReLU and the pool are ``layers``'
-    versions, whose derivatives are cheaper on a CPU where trajectory matching differentiates them twice. Images
+    affine) -> ReLU -> 2x2 average pool, then a linear classifier; the convolution, the norm, the ReLU and the pool
+    are ``layers``' versions, whose derivatives are cheaper on a CPU where trajectory matching differentiates them
+    twice. Images
     smaller than 32 pixels get extra padding on the first convolution so the feature map follows the 32x32 path
     (28x28 MNIST: padding 3, as in the MTT reference), keeping experts and synthetic sets comparable.
     """
@@ -78,7 +79,7 @@ class ConvNet(nn.Module):
         for d in range(depth):
             pad = first_pad if d == 0 else 1
             layers += [
-                nn.Conv2d(in_ch, width, kernel_size=3, padding=pad),
+                Conv2d(in_ch, width, kernel_size=3, padding=pad),
                 InstanceNorm(width),
                 ReLU(),  # not in place: trajectory matching differentiates through it twice
                 AvgPool2(),

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kdd_mlflow import models
-from kdd_mlflow.layers import AvgPool2, InstanceNorm, avg_pool2, instance_norm, relu
+from kdd_mlflow.layers import AvgPool2, Conv2d, InstanceNorm, avg_pool2, conv2d, instance_norm, relu
 from kdd_mlflow.runtime import keep_freed_memory
 
 
@@ -119,18 +119,60 @@ def test_relu_and_its_derivatives_equal_f_relu(device):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("stride,padding,groups,in_channels", [(1, 1, 1, 3), (1, 3, 1, 1), (2, 0, 1, 2), (1, 1, 2, 4)])
+def test_convolution_and_its_derivatives_equal_f_conv2d(stride, padding, groups, in_channels, device):
+    """Values, first and second derivatives (each part of the backward alone and all together) against F.conv2d,
+    and gradcheck / gradgradcheck, in float64."""
+    gen = torch.Generator().manual_seed(4)
+    x, weight, bias = (t.to(device).requires_grad_(True) for t in (
+        torch.randn(2, in_channels, 7, 6, generator=gen, dtype=torch.float64),
+        torch.randn(4, in_channels // groups, 3, 3, generator=gen, dtype=torch.float64),
+        torch.randn(4, generator=gen, dtype=torch.float64)))
+
+    def ours(x, weight, bias):
+        return conv2d(x, weight, bias, stride, padding, 1, groups)
+
+    assert torch.autograd.gradcheck(ours, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(ours, (x, weight, bias))
+    for uses in ("all", "dx", "dweight", "dbias"):
+        results = []
+        for fn in (ours, lambda x, w, b: F.conv2d(x, w, b, stride, padding, 1, groups)):
+            y = fn(x * x, weight, bias)  # a non-linear input, so the second derivative reaches x through the backward
+            dx, dweight, dbias = torch.autograd.grad(y.sin().sum(), (x, weight, bias), create_graph=True)
+            parts = {"dx": (dx * dx).sum(), "dweight": (dweight ** 3).sum(), "dbias": (dbias.exp()).sum()}
+            chosen = parts.values() if uses == "all" else [parts[uses]]
+            second = torch.autograd.grad(sum(chosen), (x, weight, bias), allow_unused=True, materialize_grads=True)
+            results.append([*[t.detach() for t in (y, dx, dweight, dbias)], *second])
+        for got, want in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_the_convolution_module_is_conv2d_and_falls_back_where_it_must():
+    conv = Conv2d(3, 5, kernel_size=3, padding=1)
+    assert isinstance(conv, torch.nn.Conv2d) and set(conv.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    modules = {True: [conv.double(), Conv2d(3, 5, 3, bias=False, stride=2).double()],
+               False: [Conv2d(3, 5, 3, padding="same").double(),
+                       Conv2d(3, 5, 3, padding=1, padding_mode="reflect").double()]}
+    for written_out, group in modules.items():  # string padding and other padding modes: torch's own
+        for module in group:
+            y = module(x)
+            torch.testing.assert_close(y, torch.nn.Conv2d.forward(module, x))
+            assert (type(y.grad_fn).__name__ == "_Conv2dBackward") is written_out
+
+
 def test_off_the_cpu_the_modules_run_torchs_own_kernels(monkeypatch):
     """On a GPU the written-out forms cost launches (kdd_mlflow/layers.py): the modules use them on the CPU only. A
     tensor on the meta device stands in for one on a GPU."""
     from kdd_mlflow import layers
 
     calls = []
-    for name in ("instance_norm", "avg_pool2", "relu"):
+    for name in ("conv2d", "instance_norm", "avg_pool2", "relu"):
         original = getattr(layers, name)
         monkeypatch.setattr(layers, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
     convnet = models.create("convnet-w8-d2", 1, 10, 28)
     convnet(torch.randn(2, 1, 28, 28))
-    assert sorted(set(calls)) == ["avg_pool2", "instance_norm", "relu"]
+    assert sorted(set(calls)) == ["avg_pool2", "conv2d", "instance_norm", "relu"]
     calls.clear()
     out = convnet.to("meta")(torch.randn(2, 1, 28, 28, device="meta"))
     assert out.shape == (2, 10) and calls == []
