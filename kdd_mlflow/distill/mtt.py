@@ -42,7 +42,8 @@ class FlatModel:
     matching needs of one inner step's loss ``CE(f(theta, x), y)``:
 
     - ``step_grad(theta, x, y)``: g = dCE/dtheta, itself differentiable when theta or x carry a graph;
-    - ``step_adjoint(theta, x, y, lam)``: (g, H lam, (dg/dx)^T lam), one vector-Jacobian product of g.
+    - ``step_adjoint(theta, x, y, lam)``: (g, H lam, (dg/dx)^T lam), one vector-Jacobian product of g;
+      ``step_pullback(theta, x, y)`` gives g at once and that product as a function of lam, to call later.
 
     ``compile=True`` builds both, where no graph is asked for (the ``recompute`` and ``first-order`` sweeps), with
     torch.func (grad, vjp) under torch.compile: each becomes one traced graph whose element-wise and
@@ -92,16 +93,29 @@ class FlatModel:
                      wrt_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(g, H lam, (dg/dx)^T lam, (dg/dy)^T lam) at (theta, x, y), all detached; the last only for learned
         (float) labels when ``wrt_labels``, else None."""
+        g, pullback = self.step_pullback(theta, x, y, wrt_labels)
+        return g, *pullback(lam)
+
+    def step_pullback(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, wrt_labels: bool = False):
+        """(g, pullback): g detached, and ``pullback(lam)`` = (H lam, (dg/dx)^T lam, (dg/dy)^T lam or None), to be
+        called once. Eager, g's graph is built now and kept until then; compiled, the pullback computes anew."""
         theta, x, y = theta.detach(), x.detach(), y.detach()
         if self.compiled:
-            with torch.no_grad():
-                return self._adjoint(theta, x, y, lam, wrt_labels)
+            def compiled_pullback(lam):
+                with torch.no_grad():
+                    return self._adjoint(theta, x, y, lam, wrt_labels)[1:]
+
+            return self._grad(theta, x, y), compiled_pullback
         theta, x = theta.requires_grad_(True), x.requires_grad_(True)  # new leaves on the same storage
         inputs = (theta, x, y.requires_grad_(True)) if wrt_labels else (theta, x)
         with torch.enable_grad():
             g = torch.autograd.grad(self.loss(theta, x, y), theta, create_graph=True)[0]
+
+        def pullback(lam):
             pulled = torch.autograd.grad(g, inputs, grad_outputs=lam)
-        return g.detach(), pulled[0], pulled[1], pulled[2] if wrt_labels else None
+            return pulled[0], pulled[1], pulled[2] if wrt_labels else None
+
+        return g.detach(), pullback
 
 
 def soft_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -193,24 +207,35 @@ def adjoint_gradients(
     """
     alpha = syn_lr.detach()
     x_leaf = images.detach()
+    learned = labels.requires_grad
+
+    def build(i: int):
+        """Step i's augmented batch as a function of a fresh leaf x, g_i and its pullback."""
+        with torch.enable_grad():
+            x = x_leaf.detach().requires_grad_(True)
+            x_step = step_inputs(x, steps[i], augment)
+        return x, x_step, *student.step_pullback(thetas[i], x_step, labels[steps[i].idx], wrt_labels=learned)
+
     thetas = [start.detach()]
     with torch.no_grad():
-        for step in steps:  # forward: parameters only
+        for step in steps[:-1]:  # forward: parameters only
             g = student.step_grad(thetas[-1], step_inputs(x_leaf, step, augment), labels[step.idx].detach())
             thetas.append(thetas[-1] - alpha * g.detach())
+    # The last step keeps its graph: the backward sweep starts with it, so it is built once instead of twice, and
+    # no more is held at a time than when the sweep builds it.
+    last = build(len(steps) - 1)
+    thetas.append(thetas[-1] - alpha * last[2])
     denom = (thetas[0] - target).pow(2).sum()
     loss = (thetas[-1] - target).pow(2).sum() / denom
     lam = 2 * (thetas[-1] - target) / denom
     grad_x = torch.zeros_like(x_leaf)
     grad_alpha = torch.zeros((), dtype=alpha.dtype, device=alpha.device)
-    learned = labels.requires_grad
     grad_y = torch.zeros_like(labels.detach()) if learned else None
     for i in range(len(steps) - 1, -1, -1):  # backward: one step's graph at a time
-        with torch.enable_grad():
-            x = x_leaf.detach().requires_grad_(True)
-            x_step = step_inputs(x, steps[i], augment)
+        x, x_step, g, pullback = last if i == len(steps) - 1 else build(i)
+        last = None
         idx = steps[i].idx
-        g, h_lam, gx_lam, gy_lam = student.step_adjoint(thetas[i], x_step, labels[idx], lam, wrt_labels=learned)
+        h_lam, gx_lam, gy_lam = pullback(lam)
         grad_alpha -= (g * lam).sum()
         grad_x -= alpha * torch.autograd.grad(x_step, x, grad_outputs=gx_lam)[0]
         if learned:
