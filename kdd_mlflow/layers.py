@@ -49,6 +49,7 @@ backward's own backward gives that input nothing.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -56,6 +57,14 @@ import torch.nn.functional as F
 from torch import nn
 
 aten = torch.ops.aten
+
+
+def _signature_once(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Give the function's ``forward`` its signature once. Each ``apply`` of a function with ``setup_context`` binds
+    its arguments by ``inspect.signature(forward)``, which otherwise builds the signature anew every call: 57 us,
+    about 600 calls per trajectory-matching iteration of a three-block ConvNet at 10 steps."""
+    function.forward.__signature__ = inspect.signature(function.forward)
+    return function
 
 
 def _row_major_strides(shape: torch.Size) -> tuple[int, ...]:
@@ -79,6 +88,7 @@ def row_major(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
+@_signature_once
 class _Conv2d(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, geometry):
@@ -116,6 +126,7 @@ def _conv_backward(dy, x, weight, geometry, mask, with_bias: bool = False):
                                      dilation, False, [0, 0], groups, mask)
 
 
+@_signature_once
 class _Conv2dBackward(torch.autograd.Function):
     @staticmethod
     def forward(dy, x, weight, geometry, input_grad, with_bias):
@@ -172,6 +183,7 @@ def _groups(x: torch.Tensor) -> tuple[int, int, int]:
     return x.shape[0], x.shape[1], math.prod(x.shape[2:])
 
 
+@_signature_once
 class _InstanceNorm(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, eps):
@@ -192,6 +204,7 @@ class _InstanceNorm(torch.autograd.Function):
         return dx, dweight, dbias, None
 
 
+@_signature_once
 class _InstanceNormBackward(torch.autograd.Function):
     @staticmethod
     def forward(dy, x, weight, mean, rstd):
@@ -247,6 +260,7 @@ def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
     return _InstanceNorm.apply(x, weight, bias, eps)[0]
 
 
+@_signature_once
 class _Pool2(torch.autograd.Function):
     @staticmethod
     def forward(x):
@@ -264,6 +278,7 @@ class _Pool2(torch.autograd.Function):
         return _Spread2.apply(dy)
 
 
+@_signature_once
 class _Spread2(torch.autograd.Function):
     @staticmethod
     def forward(dy):
@@ -299,6 +314,7 @@ class AvgPool2(nn.AvgPool2d):
         return avg_pool2(x)
 
 
+@_signature_once
 class _ReLU(torch.autograd.Function):
     @staticmethod
     def forward(x):
@@ -314,6 +330,7 @@ class _ReLU(torch.autograd.Function):
         return _ReLUBackward.apply(dy, y)
 
 
+@_signature_once
 class _ReLUBackward(torch.autograd.Function):
     @staticmethod
     def forward(dy, y):
