@@ -103,14 +103,15 @@ def test_gradients_equal_those_of_the_reference_commit(eager, tmp_path, device):
 
 
 def test_step_functions_agree_with_autograd_by_hand():
-    """FlatModel.step_adjoint: g, H lam and (dg/dx)^T lam as autograd gives them directly."""
+    """FlatModel.step_pullback: g, H lam and (dg/dx)^T lam as autograd gives them directly."""
     torch.manual_seed(1)
     model = models.create("convnet-w4-d1", 1, 3, 8).to(torch.float64)
     student = FlatModel(model)
     theta = flat_parameters(model).to(torch.float64)
     x, y = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
     lam = torch.randn_like(theta)
-    g, h, gx, none = student.step_adjoint(theta, x, y, lam)
+    g, pullback = student.step_pullback(theta, x, y)
+    h, gx, none = pullback(lam)
     assert none is None  # hard labels: no label gradient
     t, xx = theta.clone().requires_grad_(True), x.clone().requires_grad_(True)
     direct = torch.autograd.grad(torch.nn.functional.cross_entropy(student(t, xx), y), t, create_graph=True)[0]

@@ -42,8 +42,8 @@ class FlatModel:
     matching needs of one inner step's loss ``CE(f(theta, x), y)``:
 
     - ``step_grad(theta, x, y)``: g = dCE/dtheta, itself differentiable when theta or x carry a graph;
-    - ``step_adjoint(theta, x, y, lam)``: (g, H lam, (dg/dx)^T lam), one vector-Jacobian product of g;
-      ``step_pullback(theta, x, y)`` gives g at once and that product as a function of lam, to call later.
+    - ``step_pullback(theta, x, y)``: g, and (H lam, (dg/dx)^T lam) as a function of lam to call later, one
+      vector-Jacobian product of g.
 
     ``compile=True`` builds both, where no graph is asked for (the ``recompute`` and ``first-order`` sweeps), with
     torch.func (grad, vjp) under torch.compile: each becomes one traced graph whose element-wise and
@@ -89,16 +89,10 @@ class FlatModel:
             leaf = theta if theta.requires_grad else theta.detach().requires_grad_(True)
             return torch.autograd.grad(self.loss(leaf, x, y), leaf, create_graph=differentiable)[0]
 
-    def step_adjoint(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor,
-                     wrt_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(g, H lam, (dg/dx)^T lam, (dg/dy)^T lam) at (theta, x, y), all detached; the last only for learned
-        (float) labels when ``wrt_labels``, else None."""
-        g, pullback = self.step_pullback(theta, x, y, wrt_labels)
-        return g, *pullback(lam)
-
     def step_pullback(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, wrt_labels: bool = False):
-        """(g, pullback): g detached, and ``pullback(lam)`` = (H lam, (dg/dx)^T lam, (dg/dy)^T lam or None), to be
-        called once. Eager, g's graph is built now and kept until then; compiled, the pullback computes anew."""
+        """(g, pullback) at (theta, x, y): g detached, and ``pullback(lam)`` = (H lam, (dg/dx)^T lam, (dg/dy)^T lam),
+        all detached, the last only for learned (float) labels when ``wrt_labels``, else None; to be called once.
+        Eager, g's graph is built now and kept until then; compiled, the pullback computes anew."""
         theta, x, y = theta.detach(), x.detach(), y.detach()
         if self.compiled:
             def compiled_pullback(lam):
@@ -224,7 +218,8 @@ def adjoint_gradients(
     # The last step keeps its graph: the backward sweep starts with it, so it is built once instead of twice, and
     # no more is held at a time than when the sweep builds it.
     last = build(len(steps) - 1)
-    thetas.append(thetas[-1] - alpha * last[2])
+    _, _, g_last, _ = last
+    thetas.append(thetas[-1] - alpha * g_last)
     denom = (thetas[0] - target).pow(2).sum()
     loss = (thetas[-1] - target).pow(2).sum() / denom
     lam = 2 * (thetas[-1] - target) / denom
