@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdd_mlflow import native
+
 aten = torch.ops.aten
 
 
@@ -374,3 +376,86 @@ class InstanceNorm(nn.GroupNorm):
                 or x.dtype != self.weight.dtype):
             return super().forward(x)
         return instance_norm(x, self.weight, self.bias, self.eps)
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    return getattr(native.library(), f"nrp_{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+@_signature_once
+class _NormReluPool(torch.autograd.Function):
+    @staticmethod
+    def forward(z, weight, bias, eps):
+        n, c, h, w = z.shape
+        p, stats = z.new_empty(n, c, h // 2, w // 2), z.new_empty(2, n, c)
+        _kernel("forward", z.dtype)(z.data_ptr(), weight.data_ptr(), bias.data_ptr(), p.data_ptr(),
+                                    stats[0].data_ptr(), stats[1].data_ptr(), n, c, h, w, eps)
+        return p, stats
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, weight, bias, _ = inputs
+        ctx.save_for_backward(z, weight, bias, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, dp, _stats):
+        z, weight, bias, stats = ctx.saved_tensors
+        dz, dweight, dbias, _ = _NormReluPoolBackward.apply(dp, z, weight, bias, stats)
+        return dz, dweight, dbias, None
+
+
+@_signature_once
+class _NormReluPoolBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(dp, z, weight, bias, stats):
+        n, c, h, w = z.shape
+        dz, sums = torch.empty_like(z), z.new_empty(2, n, c)  # per group: sum dr, sum dr x^
+        _kernel("backward", z.dtype)(dp.contiguous().data_ptr(), z.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+                                     stats[0].data_ptr(), stats[1].data_ptr(), dz.data_ptr(), sums[0].data_ptr(),
+                                     sums[1].data_ptr(), n, c, h, w)
+        return dz, sums[1].sum(0), sums[0].sum(0), sums
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dp, z, weight, bias, stats = inputs
+        ctx.save_for_backward(dp, z, weight, bias, stats, output[3])
+        ctx.mark_non_differentiable(output[3])
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
+
+    @staticmethod
+    def backward(ctx, u, v, w, _sums):
+        dp, z, weight, bias, stats, sums = ctx.saved_tensors
+        need_dp, need_z, need_weight = ctx.needs_input_grad[:3]
+        if u is None and v is None and w is None or not (need_dp or need_z or need_weight):
+            return None, None, None, None, None
+        n, c, h, wd = z.shape
+        g_dp = z.new_empty(n, c, h // 2, wd // 2) if need_dp else None
+        g_z = torch.empty_like(z) if need_z else None
+        g_weight = z.new_empty(n, c) if need_weight else None
+        u = None if u is None else u.contiguous()
+        _kernel("double_backward", z.dtype)(
+            _ptr(u), _ptr(None if v is None else v.contiguous()), _ptr(None if w is None else w.contiguous()),
+            dp.contiguous().data_ptr(), z.data_ptr(), weight.data_ptr(), bias.data_ptr(), stats[0].data_ptr(),
+            stats[1].data_ptr(), sums[0].data_ptr(), sums[1].data_ptr(), _ptr(g_dp), _ptr(g_z), _ptr(g_weight),
+            n, c, h, wd)
+        return g_dp, g_z, None if g_weight is None else g_weight.sum(0), None, None
+
+
+def norm_relu_pool(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``F.avg_pool2d(F.relu(F.group_norm(z, C, weight, bias, eps)), 2)`` in one pass of fused kernels per order of
+    derivative (``norm_relu_pool.cpp``); needs ``fusable(z, weight)``."""
+    return _NormReluPool.apply(z.contiguous(), weight, bias, eps)[0]
+
+
+def fusable(z: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``norm_relu_pool`` can run on ``z``: the kernels built, a float32/float64 CPU tensor in the
+    parameters' precision, at least 2 x 2, outside torch.compile, torch.func transforms and autocast."""
+    return (z.is_cpu and z.dtype in (torch.float32, torch.float64) and z.dtype == weight.dtype and z.dim() == 4
+            and z.shape[2] >= 2 and z.shape[3] >= 2 and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active() and not torch.is_autocast_enabled("cpu")
+            and native.library() is not None)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kdd_mlflow.layers import AvgPool2, Conv2d, InstanceNorm, ReLU, row_major
+from kdd_mlflow.layers import AvgPool2, Conv2d, InstanceNorm, ReLU, fusable, norm_relu_pool, row_major
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: list[tuple[re.Pattern[str], Builder, str]] = []
@@ -93,7 +93,20 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             x = row_major(x)  # a channels-last input would run every instance norm about 20x slower
-        return self.classifier(self.features(x).flatten(1))
+        if torch.compiler.is_compiling() or _hooked(self.features, *self.features):
+            return self.classifier(self.features(x).flatten(1))
+        # each block's norm, ReLU and pool as one fused function where its kernels run (layers.norm_relu_pool)
+        for conv, norm, act, pool in zip(*[iter(self.features)] * 4, strict=True):
+            z = conv(x)
+            x = norm_relu_pool(z, norm.weight, norm.bias, norm.eps) if fusable(z, norm.weight) else pool(act(norm(z)))
+        return self.classifier(x.flatten(1))
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook watches any of these modules (then each must run as itself)."""
+    module = nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 @register(r"convnet(?:-w(?P<width>\d+))?(?:-d(?P<depth>\d+))?", "convnet[-wW][-dD] (default W128 D3)")

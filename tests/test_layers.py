@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdd_mlflow import models
+from kdd_mlflow import models, native
 from kdd_mlflow.layers import AvgPool2, Conv2d, InstanceNorm, avg_pool2, conv2d, instance_norm, relu
 from kdd_mlflow.runtime import keep_freed_memory
 
@@ -170,8 +170,11 @@ def test_off_the_cpu_the_modules_run_torchs_own_kernels(monkeypatch):
     for name in ("conv2d", "instance_norm", "avg_pool2", "relu"):
         original = getattr(layers, name)
         monkeypatch.setattr(layers, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    monkeypatch.setenv("KDD_NATIVE", "0")  # the separate layers, not the fused blocks (tests/test_native.py)
+    native.library.cache_clear()
     convnet = models.create("convnet-w8-d2", 1, 10, 28)
     convnet(torch.randn(2, 1, 28, 28))
+    native.library.cache_clear()
     assert sorted(set(calls)) == ["avg_pool2", "conv2d", "instance_norm", "relu"]
     calls.clear()
     out = convnet.to("meta")(torch.randn(2, 1, 28, 28, device="meta"))
