@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from kdd_mlflow import data, models
+from kdd_mlflow import data, layers, models
 from kdd_mlflow.augment import DSA
 from kdd_mlflow.distill import mtt
 from kdd_mlflow.distill.experts import flat_parameters
@@ -33,7 +33,8 @@ from kdd_mlflow.runtime import keep_freed_memory, pick_device
 # Autograd nodes -> category (a name ending in BackwardBackward0 is the double backward of that layer).
 NODE_KINDS = {"Convolution": "convolution", "_Conv2d": "convolution",
               "NativeGroupNorm": "instance norm", "InstanceNorm": "instance norm",
-              "_InstanceNorm": "instance norm", "_Pool2": "relu / pool / linear / loss",
+              "_InstanceNorm": "instance norm", "_NormReluPool": "norm, ReLU and pool (fused)",
+              "_Pool2": "relu / pool / linear / loss",
               "_Spread2": "relu / pool / linear / loss", "_ReLU": "relu / pool / linear / loss",
               "Relu": "relu / pool / linear / loss", "Threshold": "relu / pool / linear / loss",
               "AvgPool2D": "relu / pool / linear / loss", "Addmm": "relu / pool / linear / loss",
@@ -43,7 +44,8 @@ NODE_KINDS = {"Convolution": "convolution", "_Conv2d": "convolution",
               "SplitWithSizes": "functional call and flattening", "View": "functional call and flattening",
               "Reshape": "functional call and flattening", "Unsafe": "functional call and flattening",
               "T": "functional call and flattening", "Transpose": "functional call and flattening"}
-LABELS = ("DSA", "functional call and flattening", "convolution", "instance norm", "relu / pool / linear / loss")
+LABELS = ("DSA", "functional call and flattening", "convolution", "instance norm", "norm, ReLU and pool (fused)",
+          "relu / pool / linear / loss")
 
 
 def node_category(node: str) -> str:
@@ -82,6 +84,21 @@ def labelled_forward():
         wrap(layer, "forward", "relu / pool / linear / loss")
     wrap(torch.nn.functional, "cross_entropy", "relu / pool / linear / loss")
     wrap(mtt.FlatModel, "__call__", "functional call and flattening")
+    if hasattr(models, "norm_relu_pool"):  # the fused blocks, where the package has them
+        wrap(models, "norm_relu_pool", "norm, ReLU and pool (fused)")
+        kernel = layers._kernel
+
+        def recorded_kernel(name, dtype):  # a C++ kernel is no torch operator: give the profiler an event for it
+            function = kernel(name, dtype)
+
+            def call(*args):
+                with record_function(f"norm_relu_pool {name} kernel"):
+                    return function(*args)
+
+            return call
+
+        patched.append((layers, "_kernel", kernel))
+        layers._kernel = recorded_kernel
     try:
         yield
     finally:
