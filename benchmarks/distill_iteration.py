@@ -76,6 +76,15 @@ def out_of_memory(exc: BaseException, point: str, dev: torch.device) -> dict:
     return record
 
 
+def fused_kernels() -> bool:
+    """Whether the measured package ran its ConvNet blocks through its C++ kernels (False for commits without them)."""
+    try:
+        from kdd_mlflow import native
+    except ImportError:
+        return False
+    return native.library() is not None
+
+
 @click.command()
 @click.option("--dataset", default="cifar10", show_default=True)
 @click.option("--model", default="convnet", show_default=True)
@@ -169,7 +178,7 @@ def main(dataset, model, ipc, syn_steps, batch_syn, iterations, device, augment,
         "parameters": student.num_params, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.machine(), "package": str(Path(kdd_mlflow.__file__).parent),
         "precision": precision, "cudnn_benchmark": cudnn_benchmark, "allocator": allocator,
-        "python": sys.version.split()[0],
+        "python": sys.version.split()[0], "fused_kernels": fused_kernels(),
     }
     if dev.type == "cuda":
         result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -106,8 +106,20 @@ class _Conv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dx, dweight, dbias = _Conv2dBackward.apply(dy, x, weight, ctx.geometry, ctx.needs_input_grad[0], ctx.with_bias)
+        input_grad = ctx.needs_input_grad[0] and _engine_uses(x)
+        dx, dweight, dbias = _Conv2dBackward.apply(dy, x, weight, ctx.geometry, input_grad, ctx.with_bias)
         return dx, dweight, dbias, None
+
+
+def _engine_uses(x: torch.Tensor) -> bool:
+    """Whether the backward pass running now goes on from ``x`` (a non-leaf input). ``needs_input_grad`` says only that
+    x requires grad: the inner step's ``autograd.grad(loss, theta)`` also reaches the first convolution, whose input
+    (augmented images) requires grad for the outer pass, and would compute a gradient for it that nothing reads. Where
+    the engine cannot say (a leaf, or outside a backward pass), True."""
+    try:
+        return torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(x).node)
+    except (RuntimeError, AttributeError):
+        return True
 
 
 def _conv_backward(dy, x, weight, geometry, mask, with_bias: bool = False):

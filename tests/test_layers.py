@@ -217,3 +217,25 @@ def test_row_major_copies_only_other_layouts_and_the_convnet_normalises_row_majo
                 lambda m, inp, out: seen.append(inp[0].stride() == torch.empty(inp[0].shape).stride()))
     net(odd.requires_grad_(True)).sum().backward()
     assert seen == [True, True, True] and odd.grad.shape == odd.shape
+
+
+def test_the_convolution_skips_the_input_gradient_that_the_running_pass_does_not_use(monkeypatch):
+    """The inner step's autograd.grad(loss, parameters) reaches the first convolution, whose input (augmented images)
+    requires grad: its gradient is left out there, and computed where the pass goes on to the images."""
+    from kdd_mlflow import layers
+
+    masks = []
+    original = layers._conv_backward
+    monkeypatch.setattr(layers, "_conv_backward",
+                        lambda dy, x, *a, **k: (masks.append((x.shape[1], a[2][0])), original(dy, x, *a, **k))[1])
+    convnet = models.create("convnet-w8-d2", 1, 10, 28)
+    images = torch.randn(4, 1, 28, 28, dtype=torch.float32, requires_grad=True)
+    params = list(convnet.parameters())
+    g = torch.autograd.grad(convnet(images * 2).logsumexp(1).sum(), params, create_graph=True)
+    assert masks == [(8, True), (1, False)]
+    masks.clear()
+    images_grad = torch.autograd.grad(sum((t ** 2).sum() for t in g), images)[0]
+    assert (1, True) in masks and images_grad.abs().sum() > 0
+    masks.clear()
+    convnet(images * 2).sum().backward()
+    assert masks == [(8, True), (1, True)] and images.grad is not None
