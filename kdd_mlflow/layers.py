@@ -45,6 +45,13 @@ are added in another order (in bfloat16, with three roundings where ``avg_pool2d
 **ReLU.** Differentiated twice, ``threshold_backward`` gives its activation input a gradient that is zero by
 definition, which autograd materialises as a full-size tensor of zeros and adds in every inner step. Here the
 backward's own backward gives that input nothing.
+
+**Norm, ReLU and pool, fused** (``norm_relu_pool``, what the ConvNet runs on a CPU where the kernels build). The
+three layers above as one function whose forward, backward and double backward are each one C++ kernel
+(``norm_relu_pool.cpp``, built by ``native``): a (sample, channel) group fits in the first-level cache, so each kernel
+reads it from memory once, where the separate layers make a dozen full-size passes per block and order. Its double
+backward is the instance norm's above with dy the ReLU-masked, spread pool gradient. The separate layers remain what
+runs elsewhere (GPU, autocast, torch.compile and torch.func transforms, no compiler, a forward hook on a layer).
 """
 
 from __future__ import annotations

@@ -65,8 +65,9 @@ class ConvNet(nn.Module):
     ``depth`` blocks of conv3x3 (``width`` channels) -> instance norm (GroupNorm with one group per channel,
     affine) -> ReLU -> 2x2 average pool, then a linear classifier; the convolution, the norm, the ReLU and the pool
     are ``layers``' versions, whose derivatives are cheaper on a CPU where trajectory matching differentiates them
-    twice. Images smaller than 32 pixels get extra padding on the first convolution so the feature map follows the
-    32x32 path (28x28 MNIST: padding 3, as in the MTT reference), keeping experts and synthetic sets comparable.
+    twice, and on a CPU each block's norm, ReLU and pool run as one fused function (``layers.norm_relu_pool``).
+    Images smaller than 32 pixels get extra padding on the first convolution so the feature map follows the 32x32
+    path (28x28 MNIST: padding 3, as in the MTT reference), keeping experts and synthetic sets comparable.
     """
 
     def __init__(self, channels: int, num_classes: int, image_size: int, width: int = 128, depth: int = 3):
