@@ -1,4 +1,5 @@
-"""Build and load the package's C++ kernels (``norm_relu_pool.cpp``) for the CPU, once per machine.
+"""Build and load the package's C++ kernels (``cpu_kernels.cpp``: the fused norm-ReLU-pool and the one-channel
+convolution) for the CPU, once per machine.
 
 The source has no PyTorch headers: it builds with the system's C++ compiler in about a second, into a cache keyed by
 the source, the compiler and the CPU (it is built for the CPU it runs on), and is called through ctypes on the data
@@ -24,7 +25,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("norm_relu_pool.cpp")
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
@@ -58,7 +59,7 @@ def build(compiler: str, destination: Path) -> Path:
     library's path. Written under a temporary name and renamed, so concurrent processes never load half a file."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_key()]).encode())
-    target = destination / f"norm_relu_pool-{key.hexdigest()[:16]}.so"
+    target = destination / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     destination.mkdir(parents=True, exist_ok=True)
@@ -76,6 +77,8 @@ _SIGNATURES = {
     "nrp_forward": ["p"] * 6 + ["i"] * 4 + ["d"],
     "nrp_backward": ["p"] * 9 + ["i"] * 4,
     "nrp_double_backward": ["p"] * 14 + ["i"] * 4,
+    "conv1_forward": ["p"] * 4 + ["i"] * 4,
+    "conv1_weight_grad": ["p"] * 4 + ["i"] * 4,
 }
 _CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "d": ctypes.c_double}
 

@@ -1,4 +1,4 @@
-"""The fused norm-ReLU-pool kernels (kdd_mlflow/norm_relu_pool.cpp, built by kdd_mlflow/native.py): values and
+"""The fused norm-ReLU-pool kernels (kdd_mlflow/cpu_kernels.cpp, built by kdd_mlflow/native.py): values and
 first and second derivatives against PyTorch's own functions, the ConvNet's use of them, and the build."""
 
 import logging
@@ -133,3 +133,26 @@ def test_the_build_is_cached_and_a_failing_compiler_is_reported(tmp_path, monkey
         assert "could not be built" in caplog.text and "false failed" in caplog.text
     finally:
         native.library.cache_clear()
+
+
+@built
+@pytest.mark.parametrize("dtype,padding,side", [(torch.float32, 3, 28), (torch.float32, 1, 32), (torch.float64, 0, 9)])
+def test_the_one_channel_convolution_kernels_equal_torchs(dtype, padding, side):
+    """The first layer's forward and weight and bias gradients on one input channel (MNIST, Fashion-MNIST), float32
+    as the engine runs them, against F.conv2d and convolution_backward."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 1, side, side, generator=gen, dtype=dtype)
+    weight = torch.randn(8, 1, 3, 3, generator=gen, dtype=dtype)
+    bias = torch.randn(8, generator=gen, dtype=dtype)
+    geometry = ((1, 1), (padding, padding), (1, 1), 1)
+    assert layers._one_channel_3x3(x, weight, geometry)
+    want = F.conv2d(x, weight, bias, 1, padding)
+    # float32 sums of a few thousand products differ in the fifth digit by their order
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(layers._conv(x, weight, bias, geometry), want, **tol)
+    dy = torch.randn(want.shape, generator=gen, dtype=dtype)
+    got = layers._conv_backward(dy, x, weight, geometry, [True, True, True], True)
+    ref = torch.ops.aten.convolution_backward(dy, x, weight, [8], (1, 1), (padding, padding), (1, 1), False, [0, 0], 1,
+                                              [True, True, True])
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, **tol)

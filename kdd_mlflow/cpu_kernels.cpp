@@ -1,9 +1,11 @@
-// Instance norm (affine) -> ReLU -> 2x2 average pool, fused: forward, backward, and the backward's own backward.
+// The ConvNet's CPU kernels, called through ctypes (kdd_mlflow/native.py) on contiguous tensors; no PyTorch headers,
+// so the file builds in about a second.
+//
+// 1. Instance norm (affine) -> ReLU -> 2x2 average pool, fused: forward, backward, and the backward's own backward.
 //
 // One (sample, channel) group of M = H x W values fits in the first-level cache, so each kernel reads a group from
 // memory once, does every per-group pass in cache, and writes its results once. The unfused layers make a dozen
-// full-size passes through memory per block where these make two or three. Called through ctypes (kdd_mlflow/native.py)
-// on contiguous NCHW tensors; no PyTorch headers, so it builds in about a second. Accumulation is in double.
+// full-size passes through memory per block where these make two or three. Accumulation is in double.
 //
 // Notation per group: x^ = (z - mean) r, r = 1 / sqrt(var + eps), a = gamma x^ + beta (computed as z s + t with
 // s = r gamma, t = beta - mean s, as the forward does), y = relu(a), p = pool(y). Upstream gradient of p: dp, so
@@ -206,6 +208,77 @@ void double_backward(const T* u, const T* v, const T* w, const T* dp, const T* z
 
 }  // namespace
 
+// 2. A 3 x 3 convolution with one input channel (MNIST and Fashion-MNIST's first layer), stride 1, on an input
+// padded beforehand, and its weight gradient. oneDNN runs these at a fraction of its speed on more channels (at
+// 100 x 1 x 28 x 28 -> 32 channels: 1.06 ms for the 59 MFLOP forward, 1.3 ms for the weight gradient as a batched
+// matrix product over the input's windows); here every output, and every tap's partial sums, stay in registers.
+//   forward:          y[n, c, i, j] = b[c] + sum_a,b w[c, a, b] x[n, i + a, j + b]      x: (N, Hp, Wp)
+//   weight gradient:  dw[c, a, b] = sum_n,i,j dy[n, c, i, j] x[n, i + a, j + b],  db[c] = sum_n,i,j dy[n, c, i, j]
+template <typename T>
+void conv1_forward(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t Hp, int64_t Wp) {
+  const int64_t Ho = Hp - 2, Wo = Wp - 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < N * C; ++g) {
+    const int64_t n = g / C, c = g % C;
+    const T* wc = w + c * 9;
+    const T w0 = wc[0], w1 = wc[1], w2 = wc[2], w3 = wc[3], w4 = wc[4], w5 = wc[5], w6 = wc[6], w7 = wc[7], w8 = wc[8];
+    const T bias = b ? b[c] : T(0);
+    for (int64_t i = 0; i < Ho; ++i) {
+      const T* x0 = x + n * Hp * Wp + i * Wp;
+      const T *x1 = x0 + Wp, *x2 = x1 + Wp;
+      T* row = y + g * Ho * Wo + i * Wo;
+#pragma omp simd
+      for (int64_t j = 0; j < Wo; ++j)
+        row[j] = bias + w0 * x0[j] + w1 * x0[j + 1] + w2 * x0[j + 2] + w3 * x1[j] + w4 * x1[j + 1] + w5 * x1[j + 2] +
+                 w6 * x2[j] + w7 * x2[j + 1] + w8 * x2[j + 2];
+    }
+  }
+}
+
+template <typename T>
+void conv1_weight_grad(const T* dy, const T* x, T* dw, T* db, int64_t N, int64_t C, int64_t Hp, int64_t Wp) {
+  constexpr int V = 64 / sizeof(T);  // one 512-bit register of lanes per tap
+  const int64_t Ho = Hp - 2, Wo = Wp - 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    double total[10] = {0};
+    for (int64_t n = 0; n < N; ++n) {
+      T acc[10][V] = {};  // a sample's partial sums per tap (and the bias) in T, their totals in double
+      T rest[10] = {};
+      for (int64_t i = 0; i < Ho; ++i) {
+        const T* d = dy + (n * C + c) * Ho * Wo + i * Wo;
+        const T* x0 = x + n * Hp * Wp + i * Wp;
+        const T *x1 = x0 + Wp, *x2 = x1 + Wp;
+        int64_t j = 0;
+        for (; j + V <= Wo; j += V) {
+#pragma omp simd
+          for (int l = 0; l < V; ++l) {
+            const T g = d[j + l];
+            acc[0][l] += g * x0[j + l], acc[1][l] += g * x0[j + l + 1], acc[2][l] += g * x0[j + l + 2];
+            acc[3][l] += g * x1[j + l], acc[4][l] += g * x1[j + l + 1], acc[5][l] += g * x1[j + l + 2];
+            acc[6][l] += g * x2[j + l], acc[7][l] += g * x2[j + l + 1], acc[8][l] += g * x2[j + l + 2];
+            acc[9][l] += g;
+          }
+        }
+        for (; j < Wo; ++j) {
+          const T g = d[j];
+          rest[0] += g * x0[j], rest[1] += g * x0[j + 1], rest[2] += g * x0[j + 2];
+          rest[3] += g * x1[j], rest[4] += g * x1[j + 1], rest[5] += g * x1[j + 2];
+          rest[6] += g * x2[j], rest[7] += g * x2[j + 1], rest[8] += g * x2[j + 2];
+          rest[9] += g;
+        }
+      }
+      for (int k = 0; k < 10; ++k) {
+        T s = rest[k];
+        for (int l = 0; l < V; ++l) s += acc[k][l];
+        total[k] += s;
+      }
+    }
+    for (int k = 0; k < 9; ++k) dw[c * 9 + k] = static_cast<T>(total[k]);
+    if (db) db[c] = static_cast<T>(total[9]);
+  }
+}
+
 #define KDD_EXPORT(T, SUFFIX)                                                                                      \
   extern "C" void nrp_forward_##SUFFIX(const T* z, const T* gamma, const T* beta, T* p, T* mean, T* rstd,           \
                                        int64_t N, int64_t C, int64_t H, int64_t W, double eps) {                    \
@@ -223,5 +296,17 @@ void double_backward(const T* u, const T* v, const T* w, const T* dp, const T* z
     double_backward<T>(u, v, w, dp, z, gamma, beta, mean, rstd, sd, sdx, g_dp, g_z, g_gamma, N, C, H, W);          \
   }
 
+#define KDD_EXPORT_CONV1(T, SUFFIX)                                                                                \
+  extern "C" void conv1_forward_##SUFFIX(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t C, int64_t Hp,  \
+                                         int64_t Wp) {                                                             \
+    conv1_forward<T>(x, w, b, y, N, C, Hp, Wp);                                                                  \
+  }                                                                                                              \
+  extern "C" void conv1_weight_grad_##SUFFIX(const T* dy, const T* x, T* dw, T* db, int64_t N, int64_t C,           \
+                                             int64_t Hp, int64_t Wp) {                                             \
+    conv1_weight_grad<T>(dy, x, dw, db, N, C, Hp, Wp);                                                           \
+  }
+
 KDD_EXPORT(float, f32)
 KDD_EXPORT(double, f64)
+KDD_EXPORT_CONV1(float, f32)
+KDD_EXPORT_CONV1(double, f64)
