@@ -86,19 +86,21 @@ def labelled_forward():
     wrap(mtt.FlatModel, "__call__", "functional call and flattening")
     if hasattr(models, "norm_relu_pool"):  # the fused blocks, where the package has them
         wrap(models, "norm_relu_pool", "norm, ReLU and pool (fused)")
-        kernel = layers._kernel
+        # a C++ kernel is no torch operator: give the profiler an event for each call, charged by its parent
+        attr = "_kernel_named" if hasattr(layers, "_kernel_named") else "_kernel"
+        kernel = getattr(layers, attr)
 
-        def recorded_kernel(name, dtype):  # a C++ kernel is no torch operator: give the profiler an event for it
+        def recorded_kernel(name, dtype):
             function = kernel(name, dtype)
 
             def call(*args):
-                with record_function(f"norm_relu_pool {name} kernel"):
+                with record_function(f"{name} kernel"):
                     return function(*args)
 
             return call
 
-        patched.append((layers, "_kernel", kernel))
-        layers._kernel = recorded_kernel
+        patched.append((layers, attr, kernel))
+        setattr(layers, attr, recorded_kernel)
     try:
         yield
     finally:
