@@ -87,8 +87,7 @@ def labelled_forward():
     if hasattr(models, "norm_relu_pool"):  # the fused blocks, where the package has them
         wrap(models, "norm_relu_pool", "norm, ReLU and pool (fused)")
         # a C++ kernel is no torch operator: give the profiler an event for each call, charged by its parent
-        attr = "_kernel_named" if hasattr(layers, "_kernel_named") else "_kernel"
-        kernel = getattr(layers, attr)
+        kernel = layers._kernel
 
         def recorded_kernel(name, dtype):
             function = kernel(name, dtype)
@@ -99,8 +98,8 @@ def labelled_forward():
 
             return call
 
-        patched.append((layers, attr, kernel))
-        setattr(layers, attr, recorded_kernel)
+        patched.append((layers, "_kernel", kernel))
+        layers._kernel = recorded_kernel
     try:
         yield
     finally:

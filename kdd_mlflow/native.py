@@ -90,13 +90,13 @@ def library() -> ctypes.CDLL | None:
         return None
     compiler = _compiler()
     if compiler is None:
-        log.info("no C++ compiler found: the ConvNet's norm, ReLU and pool run as separate PyTorch layers")
+        log.info("no C++ compiler found: the ConvNet's layers run as PyTorch's")
         return None
     try:
         path = build(compiler, cache_dir())
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("the fused norm-ReLU-pool kernels could not be built (%s); using the PyTorch layers", e)
+        log.warning("the ConvNet's CPU kernels could not be built (%s); using the PyTorch layers", e)
         return None
     for name, kinds in _SIGNATURES.items():
         for suffix in ("f32", "f64"):
